@@ -1,0 +1,1 @@
+"""Small tokenizer and corpora shipped with the package for CPU runs and tests."""

@@ -1,0 +1,1 @@
+"""Data pipeline: local/HF sources, tokenization, and batches for the trainer."""

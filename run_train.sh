@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Train with torchtitan + this extension under torchrun. See --help.
+set -euo pipefail
+
+usage() {
+    cat <<'EOF'
+Usage: ./run_train.sh --job.config_file train_configs/<name>.toml [--section.key value ...]
+
+Sets up (or reuses) the virtual environment in .venv, then runs
+  torchrun ... -m ext.train <your arguments>
+and prints that command first. Every argument is passed to the trainer
+(torchtitan's --section.key options plus our sections); run from the
+repository root so the shipped configs' relative paths resolve.
+
+Devices (environment variables):
+  NGPU         processes per node on a GPU host (default: every visible GPU)
+  NPROC        processes on a CPU-only host (default 1; NPROC=2 for a 2-process
+               gloo run, which exercises DDP/FSDP without a GPU)
+  NNODES       number of nodes (default 1)
+  NODE_RANK    this node's rank, 0..NNODES-1 (default 0)
+  MASTER_ADDR  address of node 0 (default localhost; needed when NNODES > 1)
+  MASTER_PORT  rendezvous port on node 0 (default 29500; single-node runs
+               without it pick a free port)
+  LOG_RANK     local ranks whose output is shown (default 0; e.g. 0,1)
+
+Set-up:
+  PYTHON            interpreter used to create .venv (default python3, >= 3.11)
+  TORCH_INDEX_URL   extra package index for torch (e.g. the CPU wheel index)
+  EXT_SKIP_SETUP=1  use .venv as it is
+
+Examples:
+  ./run_train.sh --job.config_file train_configs/debug.toml
+  NPROC=2 ./run_train.sh --job.config_file train_configs/debug.toml --training.steps 20
+  NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 ./run_train.sh --job.config_file train_configs/x.toml
+
+Trainer options: ./run_train.sh --trainer-help
+EOF
+}
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+if [[ $# -eq 0 || "$1" == "-h" || "$1" == "--help" ]]; then
+    usage
+    exit 0
+fi
+
+# shellcheck source=scripts/setup_env.sh
+source "$root/scripts/setup_env.sh"
+ext_setup_env
+
+if [[ "$1" == "--trainer-help" ]]; then
+    exec "$EXT_PYTHON" -m ext.train --help
+fi
+
+gpus=0
+if command -v nvidia-smi >/dev/null 2>&1; then
+    gpus="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)"
+fi
+if [[ "$gpus" -gt 0 ]]; then
+    nproc="${NGPU:-$gpus}"
+else
+    nproc="${NPROC:-1}"
+fi
+nnodes="${NNODES:-1}"
+
+launch=(--nnodes="$nnodes" --nproc_per_node="$nproc")
+if [[ "$nnodes" -gt 1 ]]; then
+    launch+=(--node_rank="${NODE_RANK:-0}" --rdzv_backend=c10d
+             --rdzv_endpoint="${MASTER_ADDR:-localhost}:${MASTER_PORT:-29500}")
+elif [[ -n "${MASTER_PORT:-}" ]]; then
+    launch+=(--master_addr="${MASTER_ADDR:-localhost}" --master_port="$MASTER_PORT")
+else
+    launch+=(--standalone)
+fi
+
+cmd=("$EXT_PYTHON" -m torch.distributed.run "${launch[@]}"
+     --local-ranks-filter "${LOG_RANK:-0}" --role rank --tee 3
+     -m ext.train "$@")
+echo "+ ${cmd[*]}"
+exec "${cmd[@]}"
