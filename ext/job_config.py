@@ -11,7 +11,7 @@ an accelerator, the CPU support of :mod:`ext.device`, so a stock
 
 from dataclasses import dataclass, field
 
-from ext.data.local_files import register as _register_datasets
+from ext.data.config import Data
 from ext.device import install_cpu_support
 from ext.models import register_all as _register_specs
 
@@ -34,8 +34,8 @@ class JobConfig:
     """The sections this package adds to or extends in torchtitan's config."""
 
     metrics: Metrics = field(default_factory=Metrics)
+    data: Data = field(default_factory=Data)
 
 
 install_cpu_support()
-_register_datasets()
 _register_specs()

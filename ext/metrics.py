@@ -1,6 +1,9 @@
 """torchtitan's metrics processor plus an end-of-run summary.
 
-Every logged step is kept (step, loss, grad norm, LR). When the trainer
+Every logged step is kept (step, loss, grad norm, LR, and the packed
+loader's padding fraction, documents-cut fraction and realized mixture for
+the window since the previous log, which also go to TensorBoard and a
+``data:`` console line). When the trainer
 closes, rank 0 prints one line::
 
     run summary: 200 steps, loss 7.62 -> 3.91, 41,200 tokens/s per device
@@ -22,6 +25,8 @@ from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims
 from torchtitan.tools.logging import logger
+
+from ext.data.loader import LOADER_STATS
 
 
 def _is_rank0() -> bool:
@@ -50,7 +55,18 @@ class SummaryMetricsProcessor(MetricsProcessor):
         extra_metrics: dict[str, Any] | None = None,
     ) -> None:
         tokens = self.ntokens_since_last_log
+        data_metrics = LOADER_STATS.take()
+        extra_metrics = {**(extra_metrics or {}), **data_metrics}
         super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics)
+        if data_metrics:
+            mix = " ".join(
+                f"{k.removeprefix('data/mix/')} {100 * v:.1f}%"
+                for k, v in data_metrics.items() if k.startswith("data/mix/")
+            )
+            logger.info(
+                f"data: pad {100 * data_metrics['data/pad_fraction']:.2f}%  docs cut "
+                f"{100 * data_metrics['data/docs_cut_fraction']:.2f}%  mix {mix}"
+            )
         now = time.perf_counter()
         if self._timed_since is None:
             self._timed_since = now
@@ -58,8 +74,9 @@ class SummaryMetricsProcessor(MetricsProcessor):
             self._timed_tokens += tokens
             self._timed_until = now
         entry = {"step": step, "loss": float(global_avg_loss), "grad_norm": float(grad_norm)}
-        if extra_metrics and "lr" in extra_metrics:
-            entry["lr"] = float(extra_metrics["lr"])
+        for key in ("lr", *data_metrics):
+            if key in extra_metrics:
+                entry[key] = float(extra_metrics[key])
         self.history.append(entry)
 
     def summary(self) -> dict[str, Any] | None:

@@ -45,8 +45,8 @@ def read_summary(dump_folder: Path) -> dict:
 
 def write_repeated_corpus(path: Path, n_docs: int) -> int:
     """Write ``n_docs`` copies of one document; return ``seq_len`` so that every
-    packed row of torchtitan's text loader is that same document (BOS + text + EOS
-    = seq_len + 1 tokens). Any split over ranks then yields the same global batch."""
+    packed row is that same document (BOS + text + EOS = seq_len + 1 tokens). Any
+    split over ranks then yields the same global batch."""
     from transformers import AutoTokenizer
 
     text = "the river runs past the old mill and the miller counts seven sacks of grain"

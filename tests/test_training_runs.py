@@ -4,6 +4,7 @@ and the gradient scale under data parallelism."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
@@ -63,7 +64,7 @@ def test_data_parallel_gradients_match_one_process_on_the_same_global_batch(tmp_
     data = tmp_path / "same.jsonl"
     seq_len = write_repeated_corpus(data, n_docs=64)
     common = [
-        "--job.config_file", str(DEBUG_CONFIG), "--training.dataset_path", str(data),
+        "--job.config_file", str(DEBUG_CONFIG), "--data.datasets", str(data),
         "--training.seq_len", str(seq_len), "--training.global_batch_size", "4",
         "--training.steps", "1", "--debug.seed", "7",
     ]
@@ -85,3 +86,27 @@ def test_data_parallel_gradients_match_one_process_on_the_same_global_batch(tmp_
     # relative here. A scale bug would be a factor of 2.
     assert math.isclose(fsdp["loss"], one["loss"], rel_tol=1e-5), (one, fsdp)
     assert math.isclose(fsdp["grad_norm"], one["grad_norm"], rel_tol=2e-4), (one, fsdp)
+
+
+def test_when_all_data_is_spent_every_rank_stops_cleanly(tmp_path):
+    import json
+
+    src = tmp_path / "src"
+    src.mkdir()
+    # shard split over 2 ranks: rank 0 gets the big file, rank 1 runs dry first
+    for name, n in (("part0.jsonl", 400), ("part1.jsonl", 60)):
+        (src / name).write_text("".join(
+            json.dumps({"text": f"record {i} " + "and more words " * (i % 9)}) + "\n" for i in range(n)
+        ))
+    proc = run_train([
+        "--job.config_file", str(DEBUG_CONFIG), "--job.dump_folder", str(tmp_path / "out"),
+        "--data.datasets", str(src), "--data.on_exhaustion", "drop", "--data.num_workers", "0",
+        "--data.buffer_docs", "16", "--training.seq_len", "64", "--training.local_batch_size", "2",
+        "--training.steps", "1000", *DDP,
+    ], nproc=2, env={"LOG_RANK": "0,1"})
+    for rank in (0, 1):
+        assert f"[rank{rank}]:" in proc.output
+        assert re.search(rf"\[rank{rank}\]:.*training data exhausted", proc.output), proc.output[-3000:]
+    assert "Traceback" not in proc.output
+    steps = read_summary(tmp_path / "out")["steps"]
+    assert 1 <= steps < 1000

@@ -1,0 +1,213 @@
+"""The packed multi-source dataset one reader iterates.
+
+Per buffer: the mixture picks ``buffer_docs`` documents from the sources, the
+packer turns them into rows of ``seq_len + 1`` tokens, the rows are shuffled
+(seeded; best-fit emits them roughly longest-document-first) and yielded one
+by one as training samples.
+
+Exact resume without saving token buffers: the state is the sources' and
+the mixture's state *at the start of the current buffer* plus the number of
+rows of that buffer already yielded. Restoring re-reads and re-packs that
+buffer (both deterministic) and skips the rows already trained on. The row
+counter is advanced before a row is yielded, because torchdata snapshots a
+worker's state when it hands out a batch.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.distributed.checkpoint.stateful import Stateful
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ext.data.config import Data, SourceSpec
+from ext.data.mixture import Mixture
+from ext.data.packing import pack_documents, rows_to_batch
+from ext.data.sources import Source, open_shards
+
+# Per-row statistics travel with each sample under this key; the loader
+# strips them before the batch reaches the model.
+STATS_KEY = "loader_stats"
+STATS_FIELDS = ("row_tokens", "pad_tokens", "docs", "cut_docs")
+
+
+def row_statistics(packed: Any, doc_source: np.ndarray, n_sources: int) -> np.ndarray:
+    """float64 [n_rows, 4 + n_sources]: row tokens, padding, documents, cut
+    documents, then real tokens per source. A document split into k pieces
+    counts 1/k in each row holding a piece, so sums over rows are exact."""
+    n_rows, width = packed.tokens.shape
+    out = np.zeros((n_rows, len(STATS_FIELDS) + n_sources))
+    if n_rows == 0:
+        return out
+    out[:, 0] = width
+    out[:, 1] = width - packed.n_valid
+    seg, doc = packed.segment_ids, packed.doc_index
+    starts = np.ones_like(seg, dtype=bool)
+    starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    starts &= doc >= 0
+    row_of, col_of = np.nonzero(starts)
+    seg_doc = doc[row_of, col_of]
+    pieces = np.bincount(seg_doc, minlength=int(doc.max()) + 1)
+    weight = 1.0 / pieces[seg_doc]
+    out[:, 2] = np.bincount(row_of, weights=weight, minlength=n_rows)
+    out[:, 3] = np.bincount(row_of, weights=weight * (pieces[seg_doc] > 1), minlength=n_rows)
+    valid = doc >= 0
+    rows_idx = np.nonzero(valid)[0]
+    src = doc_source[doc[valid]]
+    counts = np.bincount(rows_idx * n_sources + src, minlength=n_rows * n_sources)
+    out[:, 4:] = counts.reshape(n_rows, n_sources)
+    return out
+
+
+class PackedMixtureDataset(IterableDataset, Stateful):
+    """Rows of packed documents from several sources, for one data-parallel rank.
+
+    Yields ``(sample, labels)`` where ``sample`` holds int64 ``input``,
+    ``positions``, int32 ``segment_ids`` (each ``[seq_len]``) and float64
+    per-row statistics under :data:`STATS_KEY`; ``labels`` is int64
+    ``[seq_len]`` with -100 on padding and where the next token belongs to
+    another document. Iteration ends when every source is spent.
+    """
+
+    def __init__(
+        self,
+        specs: list[SourceSpec],
+        cfg: Data,
+        tokenizer: Any,
+        bos_id: int | None,
+        eos_id: int | None,
+        pad_id: int,
+        seq_len: int,
+        dp_rank: int,
+        dp_world_size: int,
+        seed: int,
+    ):
+        self.specs = specs
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.bos_id = bos_id if cfg.add_bos else None
+        self.eos_id = eos_id if cfg.add_eos else None
+        self.pad_id = pad_id
+        self.seq_len = seq_len
+        self.dp_rank = dp_rank
+        self.dp_world_size = dp_world_size
+        self.seed = seed
+        self._sources: list[Source] | None = None
+        self._mixture: Mixture | None = None
+        self._pending: dict[str, Any] | None = None
+        self._buffer_start: dict[str, Any] | None = None
+        self._batch: dict[str, np.ndarray] | None = None
+        self._stats: np.ndarray | None = None
+        self._row = 0
+
+    # -- reader setup -----------------------------------------------------
+    def _reader(self) -> tuple[int, int]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        return self.dp_rank * workers + worker, self.dp_world_size * workers
+
+    def _build(self) -> None:
+        reader, n_readers = self._reader()
+        self._sources = [
+            Source(
+                spec, i, open_shards(spec), reader, n_readers, self.tokenizer,
+                self.bos_id, self.eos_id, self.seed, self.cfg.shuffle, self.cfg.bad_records,
+            )
+            for i, spec in enumerate(self.specs)
+        ]
+        self._mixture = Mixture([s.prob for s in self.specs], self.cfg.mixture_unit)
+        for i, source in enumerate(self._sources):
+            if len(source) == 0:  # this reader owns no record of the source
+                self._mixture.drop(i)
+
+    # -- state ------------------------------------------------------------
+    def _snapshot(self) -> dict[str, Any]:
+        assert self._sources is not None and self._mixture is not None
+        return {
+            "sources": [s.state() for s in self._sources],
+            "mixture": copy.deepcopy(self._mixture.state()),
+        }
+
+    def _restore(self, snapshot: dict[str, Any]) -> None:
+        assert self._sources is not None and self._mixture is not None
+        for source, state in zip(self._sources, snapshot["sources"]):
+            source.restore(state)
+        self._mixture.restore(snapshot["mixture"])
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._buffer_start is None:
+            return self._pending or {}
+        return {"buffer_start": self._buffer_start, "row": self._row}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict or None
+        self._buffer_start = None
+        self._batch = None
+
+    # -- iteration --------------------------------------------------------
+    def _next_buffer(self) -> bool:
+        """Pack the next buffer from the current state; False if no data is left."""
+        assert self._sources is not None and self._mixture is not None
+        self._buffer_start = self._snapshot()
+        docs: list[np.ndarray] = []
+        doc_source: list[int] = []
+        while len(docs) < self.cfg.buffer_docs:
+            s = self._mixture.pick()
+            if s is None:
+                break
+            doc = self._sources[s].next_document()
+            if doc is None:
+                self._mixture.drop(s)
+                continue
+            self._mixture.record(s, len(doc))
+            docs.append(doc)
+            doc_source.append(s)
+        if not docs:
+            self._batch = None
+            return False
+        lengths = np.fromiter((len(d) for d in docs), np.int64, len(docs))
+        offsets = np.concatenate(([0], np.cumsum(lengths)))
+        sources = np.asarray(doc_source, np.int32)
+        packed = pack_documents(
+            np.concatenate(docs), offsets, self.seq_len + 1, self.pad_id,
+            self.cfg.packing, doc_source=sources,
+        )
+        batch = rows_to_batch(packed, self.cfg.reset_positions)
+        stats = row_statistics(packed, sources, len(self.specs))
+        # Best-fit emits rows roughly by document length (long documents first);
+        # a seeded shuffle keeps that order out of training and out of the metrics.
+        reader, _ = self._reader()
+        key = [self.seed, reader, *np.asarray(self._buffer_start["mixture"]["consumed"], np.int64)]
+        order = np.random.default_rng(key).permutation(len(stats))
+        self._batch = {k: v[order] for k, v in batch.items()}
+        self._stats = stats[order]
+        self._row = 0
+        return True
+
+    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        if self._sources is None:
+            self._build()
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._restore(pending["buffer_start"])
+            if self._next_buffer():
+                self._row = pending["row"]
+        elif self._batch is None:
+            self._next_buffer()
+        while self._batch is not None:
+            if self._row >= len(self._batch["input"]):
+                if not self._next_buffer():
+                    return
+                continue
+            i = self._row
+            self._row += 1
+            sample = {
+                "input": torch.from_numpy(self._batch["input"][i]),
+                "positions": torch.from_numpy(self._batch["positions"][i]),
+                "segment_ids": torch.from_numpy(self._batch["segment_ids"][i]),
+                STATS_KEY: torch.from_numpy(self._stats[i]),
+            }
+            yield sample, torch.from_numpy(self._batch["labels"][i])

@@ -1,0 +1,190 @@
+"""The train spec's ``build_dataloader_fn``: ``[data]`` sources -> batches.
+
+With ``[data] datasets`` empty, torchtitan's own text loader is used (so
+``training.dataset`` keeps working). Otherwise this builds the packed
+multi-source loader: checks the sources, chooses the worker count, and wraps
+torchtitan's ``ParallelAwareDataloader`` (its checkpoint state keyed by dp
+rank) so that
+
+- per-row loader statistics are stripped from each batch and accumulated in
+  :data:`LOADER_STATS` for the metrics processor;
+- only the keys the model takes are passed on (``input`` always,
+  ``positions`` when ``reset_positions``, ``segment_ids`` when the spec's
+  model consumes them);
+- when any rank runs out of data, every rank stops at the same batch (a
+  gloo all-reduce per batch when there are several ranks), logs why, and
+  torchtitan ends training without a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torchtitan.components.dataloader import ParallelAwareDataloader
+from torchtitan.hf_datasets.text_datasets import build_text_dataloader
+
+from ext.data.config import parse_num_workers, resolve_sources, SourceSpec
+from ext.data.dataset import STATS_FIELDS, STATS_KEY, PackedMixtureDataset
+from ext.data.sources import open_shards, split_is_by_shard
+from ext.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+MAX_AUTO_WORKERS = 8
+
+
+class LoaderStats:
+    """Loader statistics since the last :meth:`take` (main process)."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.total: np.ndarray | None = None
+
+    def add(self, batch_stats: torch.Tensor) -> None:
+        summed = batch_stats.sum(dim=0).numpy()
+        self.total = summed if self.total is None else self.total + summed
+
+    def take(self) -> dict[str, float]:
+        """Metrics for the window since the last call, then reset."""
+        if self.total is None:
+            return {}
+        t, self.total = self.total, None
+        row_tokens, pad, docs, cut = t[:4]
+        real = max(row_tokens - pad, 1.0)
+        metrics = {
+            "data/pad_fraction": pad / max(row_tokens, 1.0),
+            "data/docs_cut_fraction": cut / max(docs, 1e-9),
+        }
+        for name, tokens in zip(self.names, t[len(STATS_FIELDS):]):
+            metrics[f"data/mix/{name}"] = tokens / real
+        return metrics
+
+
+LOADER_STATS = LoaderStats()
+
+
+def resolve_num_workers(value: str, specs: list[SourceSpec], dp_world_size: int) -> int:
+    """Workers per rank: the configured integer, or "auto" from cores and shards."""
+    explicit = parse_num_workers(value)
+    if explicit is not None:
+        return explicit
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    wanted = min(max(cores // local_ranks - 1, 0), MAX_AUTO_WORKERS)
+    shards_per_rank = min(max(len(s.files) or 1, 1) // dp_world_size for s in specs)
+    limit = max(shards_per_rank, 1)
+    if wanted > limit:
+        logger.warning(
+            f"[data] num_workers auto: {cores // local_ranks} cores per rank allow {wanted} "
+            f"workers, clamped to {limit} so each worker reads whole shards (the smallest "
+            f"source has {shards_per_rank or 'fewer than one'} shard(s) per rank); reshard "
+            "sources with `python -m ext.data.reshard` to use more"
+        )
+        return limit
+    return wanted
+
+
+class PackedDataLoader(ParallelAwareDataloader):
+    """torchtitan's dataloader plus statistics, key filtering and a shared stop."""
+
+    def __init__(self, dataset: PackedMixtureDataset, dp_rank: int, dp_world_size: int,
+                 model_keys: tuple[str, ...], **kwargs: Any):
+        super().__init__(dataset, dp_rank, dp_world_size, **kwargs)
+        self.model_keys = model_keys
+        self._stop_group = None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            self._stop_group = dist.new_group(backend="gloo")
+
+    def _everyone_has_a_batch(self, have: bool) -> bool:
+        if self._stop_group is None:
+            return have
+        flag = torch.tensor([1 if have else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._stop_group)
+        return bool(flag.item())
+
+    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        batches = super().__iter__()
+        while True:
+            batch = next(batches, None)
+            if not self._everyone_has_a_batch(batch is not None):
+                who = "this rank's" if batch is None else "a peer rank's"
+                logger.warning(
+                    f"[data] training data exhausted ({who} sources are spent; dp rank "
+                    f"{self.dp_rank}): stopping here on every rank"
+                )
+                return
+            sample, labels = batch
+            LOADER_STATS.add(sample.pop(STATS_KEY))
+            yield {k: v for k, v in sample.items() if k in self.model_keys}, labels
+
+
+def _check_sources(specs: list[SourceSpec], n_readers: int) -> None:
+    for spec in specs:
+        shards = open_shards(spec)
+        if sum(len(s) for s in shards) == 0:
+            raise ConfigError(
+                f"[data] source {spec.name!r} ({spec.location}) has no records; "
+                "remove it from [data] datasets or fill it"
+            )
+        if len(shards) > 1 and not split_is_by_shard(len(shards), n_readers):
+            logger.warning(
+                f"[data] source {spec.name!r} has {len(shards)} shards, which do not divide "
+                f"over {n_readers} readers (dp ranks x workers): it is split by record, so "
+                f"every reader scans all of it ({n_readers}x the reading). Fix: `python -m "
+                f"ext.data.reshard {spec.location} --num-shards {n_readers} --out DIR`"
+            )
+
+
+def build_packed_dataloader(
+    dp_world_size: int,
+    dp_rank: int,
+    tokenizer: Any,
+    job_config: Any,
+    *,
+    model_takes_segments: bool = False,
+    **kwargs: Any,
+):
+    """Train-spec ``build_dataloader_fn`` (keyword arguments as torchtitan passes them)."""
+    specs = resolve_sources(job_config.data)
+    if not specs:
+        return build_text_dataloader(dp_world_size=dp_world_size, dp_rank=dp_rank,
+                                     tokenizer=tokenizer, job_config=job_config, **kwargs)
+    cfg = job_config.data
+    num_workers = resolve_num_workers(cfg.num_workers, specs, dp_world_size)
+    _check_sources(specs, dp_world_size * max(num_workers, 1))
+    pad_id = getattr(tokenizer, "pad_id", None)
+    if pad_id is None:
+        pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+    seed = job_config.debug.seed if job_config.debug.seed is not None else 0
+    dataset = PackedMixtureDataset(
+        specs, cfg, tokenizer.tokenizer, tokenizer.bos_id, tokenizer.eos_id, pad_id,
+        job_config.training.seq_len, dp_rank, dp_world_size, seed,
+    )
+    LOADER_STATS.names = [s.name for s in specs]
+    keys = ("input",) + (("positions",) if cfg.reset_positions else ()) + (
+        ("segment_ids",) if model_takes_segments else ()
+    )
+    loader_kwargs: dict[str, Any] = {
+        "batch_size": job_config.training.local_batch_size,
+        "num_workers": num_workers,
+        "pin_memory": torch.cuda.is_available(),
+    }
+    if num_workers > 0:
+        loader_kwargs["persistent_workers"] = True
+        prefetch = job_config.training.dataloader.prefetch_factor
+        if prefetch is not None:
+            loader_kwargs["prefetch_factor"] = prefetch
+    logger.info(
+        f"[data] {len(specs)} source(s) {[s.name for s in specs]}, target shares "
+        f"{[round(s.prob, 4) for s in specs]} ({cfg.mixture_unit}), packing {cfg.packing}, "
+        f"{num_workers} worker(s) per rank"
+    )
+    return PackedDataLoader(dataset, dp_rank, dp_world_size, keys, **loader_kwargs)
