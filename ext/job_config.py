@@ -11,9 +11,11 @@ an accelerator, the CPU support of :mod:`ext.device`, so a stock
 
 from dataclasses import dataclass, field
 
+from ext.attention.config import Attention, SkyLadder
 from ext.data.config import Data
 from ext.device import install_cpu_support
 from ext.models import register_all as _register_specs
+from ext.scheduler import LRScheduler
 
 
 @dataclass
@@ -35,6 +37,9 @@ class JobConfig:
 
     metrics: Metrics = field(default_factory=Metrics)
     data: Data = field(default_factory=Data)
+    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
+    attention: Attention = field(default_factory=Attention)
+    skyladder: SkyLadder = field(default_factory=SkyLadder)
 
 
 install_cpu_support()

@@ -45,6 +45,52 @@ class SummaryMetricsProcessor(MetricsProcessor):
         self._timed_since: float | None = None
         self._timed_until: float | None = None
         self._closed = False
+        self._last_step = 0  # the trainer asks should_log() once per step
+        self._step_lr: float | None = None  # LR of the step just taken (optimizer hook)
+        self._lr_every_step = bool(getattr(job_config.lr_scheduler, "log_every_step", True))
+        self._skyladder = bool(getattr(getattr(job_config, "skyladder", None), "enable", False))
+
+    # LR at every step: torchtitan passes "lr" to log() only at log_freq steps.
+    # A post-step hook on the optimizers (set by the trainer) records the LR the
+    # step used; should_log(), which the trainer calls once per step right after
+    # the optimizer and scheduler step, sends it to TensorBoard on the other
+    # steps and prints a compact console line (every step, or with
+    # [lr_scheduler] log_every_step = false only on log steps). With SkyLadder on,
+    # the attention window of the step's last batch rides along (console and
+    # TensorBoard "data/step_attention_window").
+
+    @property
+    def optimizers(self):
+        return self._optimizers
+
+    @optimizers.setter
+    def optimizers(self, value) -> None:
+        self._optimizers = value
+        if value is not None:
+            value.register_step_post_hook(self._record_lr)
+
+    def _record_lr(self, *_: Any) -> None:
+        group = next(iter(self._optimizers)).param_groups[0]
+        self._step_lr = float(group["lr"])
+
+    def should_log(self, step: int) -> bool:
+        self._last_step = step
+        logged = super().should_log(step)
+        lr, self._step_lr = self._step_lr, None
+        window = LOADER_STATS.last_window if self._skyladder else None
+        if lr is not None:
+            per_step = {"lr": lr}
+            if window is not None:
+                per_step["data/step_attention_window"] = window
+            if not logged:
+                self.logger.log(per_step, step)  # log() sends the LR on log steps
+            elif window is not None:
+                self.logger.log({"data/step_attention_window": window}, step)
+            if logged or self._lr_every_step:
+                color = self.color
+                shown = f"  {color.cyan}window: {window}" if window is not None else ""
+                logger.info(f"{color.red}step: {step:2}  {color.yellow}lr: {lr:.4e}{shown}{color.reset}")
+        return logged
 
     def log(
         self,
@@ -63,9 +109,10 @@ class SummaryMetricsProcessor(MetricsProcessor):
                 f"{k.removeprefix('data/mix/')} {100 * v:.1f}%"
                 for k, v in data_metrics.items() if k.startswith("data/mix/")
             )
+            window = data_metrics["data/attention_window"]
             logger.info(
                 f"data: pad {100 * data_metrics['data/pad_fraction']:.2f}%  docs cut "
-                f"{100 * data_metrics['data/docs_cut_fraction']:.2f}%  mix {mix}"
+                f"{100 * data_metrics['data/docs_cut_fraction']:.2f}%  window {window:.0f}  mix {mix}"
             )
         now = time.perf_counter()
         if self._timed_since is None:
@@ -89,7 +136,8 @@ class SummaryMetricsProcessor(MetricsProcessor):
             else 0.0
         )
         return {
-            "steps": self.history[-1]["step"],
+            "steps": max(self._last_step, self.history[-1]["step"]),
+            "last_logged_step": self.history[-1]["step"],
             "first_loss": self.history[0]["loss"],
             "last_loss": self.history[-1]["loss"],
             "tokens_per_second_per_device": (

@@ -231,7 +231,7 @@ def test_trainer_batches_carry_only_model_inputs_and_feed_the_metrics(tmp_path):
     loader = build_packed_dataloader(1, 0, HuggingFaceTokenizer(str(TOKENIZER)), cfg)
     LOADER_STATS.take()
     sample, labels = next(iter(loader))
-    assert set(sample) == {"input", "positions"}
+    assert set(sample) == {"input", "positions", "segment_ids"}  # document masking is on by default
     assert sample["input"].shape == labels.shape == (2, 32)
     metrics = LOADER_STATS.take()
     assert metrics["data/mix/a"] == pytest.approx(1.0)
@@ -250,3 +250,14 @@ def test_auto_workers_are_clamped_to_whole_shards(tmp_path, monkeypatch):
     for k in range(32):
         write_jsonl(folder / f"p{k:02d}.jsonl", ["x"])
     assert resolve_num_workers("auto", resolve_sources(Data(datasets=[str(folder)])), 2) == 7  # 16/2 - 1
+
+
+def test_segment_ids_stay_out_of_the_batch_when_nothing_is_masked(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", numbered_docs("alpha", range(20)))
+    toml = tmp_path / "c.toml"
+    toml.write_text(f'[job]\ncustom_config_module = "ext.job_config"\n[data]\ndatasets = ["{a}"]\n'
+                    'num_workers = "0"\n[attention]\ndocument_masking = false\n'
+                    '[training]\nseq_len = 32\nlocal_batch_size = 2\n')
+    cfg = ConfigManager().parse_args(["--job.config_file", str(toml)])
+    sample, _ = next(iter(build_packed_dataloader(1, 0, HuggingFaceTokenizer(str(TOKENIZER)), cfg)))
+    assert set(sample) == {"input"}

@@ -23,6 +23,7 @@ import torch
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ext.attention.skyladder import WindowClock, fragment_segments
 from ext.data.config import Data, SourceSpec
 from ext.data.mixture import Mixture
 from ext.data.packing import pack_documents, rows_to_batch
@@ -31,12 +32,13 @@ from ext.data.sources import Source, open_shards
 # Per-row statistics travel with each sample under this key; the loader
 # strips them before the batch reaches the model.
 STATS_KEY = "loader_stats"
-STATS_FIELDS = ("row_tokens", "pad_tokens", "docs", "cut_docs")
+STATS_FIELDS = ("row_tokens", "pad_tokens", "docs", "cut_docs", "rows", "window")
 
 
 def row_statistics(packed: Any, doc_source: np.ndarray, n_sources: int) -> np.ndarray:
-    """float64 [n_rows, 4 + n_sources]: row tokens, padding, documents, cut
-    documents, then real tokens per source. A document split into k pieces
+    """float64 [n_rows, 6 + n_sources]: row tokens, padding, documents, cut
+    documents, 1 (rows), the attention window (filled in when the row is
+    yielded), then real tokens per source. A document split into k pieces
     counts 1/k in each row holding a piece, so sums over rows are exact."""
     n_rows, width = packed.tokens.shape
     out = np.zeros((n_rows, len(STATS_FIELDS) + n_sources))
@@ -54,11 +56,13 @@ def row_statistics(packed: Any, doc_source: np.ndarray, n_sources: int) -> np.nd
     weight = 1.0 / pieces[seg_doc]
     out[:, 2] = np.bincount(row_of, weights=weight, minlength=n_rows)
     out[:, 3] = np.bincount(row_of, weights=weight * (pieces[seg_doc] > 1), minlength=n_rows)
+    out[:, 4] = 1.0
+    out[:, 5] = width - 1
     valid = doc >= 0
     rows_idx = np.nonzero(valid)[0]
     src = doc_source[doc[valid]]
     counts = np.bincount(rows_idx * n_sources + src, minlength=n_rows * n_sources)
-    out[:, 4:] = counts.reshape(n_rows, n_sources)
+    out[:, len(STATS_FIELDS):] = counts.reshape(n_rows, n_sources)
     return out
 
 
@@ -66,7 +70,8 @@ class PackedMixtureDataset(IterableDataset, Stateful):
     """Rows of packed documents from several sources, for one data-parallel rank.
 
     Yields ``(sample, labels)`` where ``sample`` holds int64 ``input``,
-    ``positions``, int32 ``segment_ids`` (each ``[seq_len]``) and float64
+    ``positions``, ``segment_ids`` (each ``[seq_len]``; with a SkyLadder
+    ``window_clock`` the segments are also cut at the window grid) and float64
     per-row statistics under :data:`STATS_KEY`; ``labels`` is int64
     ``[seq_len]`` with -100 on padding and where the next token belongs to
     another document. Iteration ends when every source is spent.
@@ -84,8 +89,10 @@ class PackedMixtureDataset(IterableDataset, Stateful):
         dp_rank: int,
         dp_world_size: int,
         seed: int,
+        window_clock: WindowClock | None = None,
     ):
         self.specs = specs
+        self.window_clock = window_clock
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.bos_id = bos_id if cfg.add_bos else None
@@ -102,6 +109,7 @@ class PackedMixtureDataset(IterableDataset, Stateful):
         self._batch: dict[str, np.ndarray] | None = None
         self._stats: np.ndarray | None = None
         self._row = 0
+        self._rows_out = 0  # rows this reader has yielded: the SkyLadder clock
 
     # -- reader setup -----------------------------------------------------
     def _reader(self) -> tuple[int, int]:
@@ -140,7 +148,7 @@ class PackedMixtureDataset(IterableDataset, Stateful):
     def state_dict(self) -> dict[str, Any]:
         if self._buffer_start is None:
             return self._pending or {}
-        return {"buffer_start": self._buffer_start, "row": self._row}
+        return {"buffer_start": self._buffer_start, "row": self._row, "rows_out": self._rows_out}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = state_dict or None
@@ -193,6 +201,7 @@ class PackedMixtureDataset(IterableDataset, Stateful):
         if self._pending is not None:
             pending, self._pending = self._pending, None
             self._restore(pending["buffer_start"])
+            self._rows_out = pending["rows_out"]
             if self._next_buffer():
                 self._row = pending["row"]
         elif self._batch is None:
@@ -203,11 +212,21 @@ class PackedMixtureDataset(IterableDataset, Stateful):
                     return
                 continue
             i = self._row
+            segment_ids, stats = self._batch["segment_ids"][i], self._stats[i].copy()
+            if self.window_clock is not None:
+                info = get_worker_info()
+                window = self.window_clock.window_of_row(
+                    self._rows_out, info.id if info else 0, info.num_workers if info else 1
+                )
+                stats[STATS_FIELDS.index("window")] = window
+                if window < len(segment_ids):
+                    segment_ids = fragment_segments(segment_ids, window)
             self._row += 1
+            self._rows_out += 1
             sample = {
                 "input": torch.from_numpy(self._batch["input"][i]),
                 "positions": torch.from_numpy(self._batch["positions"][i]),
-                "segment_ids": torch.from_numpy(self._batch["segment_ids"][i]),
-                STATS_KEY: torch.from_numpy(self._stats[i]),
+                "segment_ids": torch.from_numpy(np.ascontiguousarray(segment_ids, np.int64)),
+                STATS_KEY: torch.from_numpy(stats),
             }
             yield sample, torch.from_numpy(self._batch["labels"][i])

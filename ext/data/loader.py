@@ -28,6 +28,8 @@ import torch.distributed as dist
 from torchtitan.components.dataloader import ParallelAwareDataloader
 from torchtitan.hf_datasets.text_datasets import build_text_dataloader
 
+from ext.attention.config import masking_requested
+from ext.attention.skyladder import WindowClock, validate_skyladder
 from ext.data.config import parse_num_workers, resolve_sources, SourceSpec
 from ext.data.dataset import STATS_FIELDS, STATS_KEY, PackedMixtureDataset
 from ext.data.sources import open_shards, split_is_by_shard
@@ -44,8 +46,10 @@ class LoaderStats:
     def __init__(self) -> None:
         self.names: list[str] = []
         self.total: np.ndarray | None = None
+        self.last_window: int | None = None  # attention window of the latest batch
 
     def add(self, batch_stats: torch.Tensor) -> None:
+        self.last_window = int(batch_stats[:, STATS_FIELDS.index("window")].max())
         summed = batch_stats.sum(dim=0).numpy()
         self.total = summed if self.total is None else self.total + summed
 
@@ -54,11 +58,12 @@ class LoaderStats:
         if self.total is None:
             return {}
         t, self.total = self.total, None
-        row_tokens, pad, docs, cut = t[:4]
+        row_tokens, pad, docs, cut, rows, window = t[: len(STATS_FIELDS)]
         real = max(row_tokens - pad, 1.0)
         metrics = {
             "data/pad_fraction": pad / max(row_tokens, 1.0),
             "data/docs_cut_fraction": cut / max(docs, 1e-9),
+            "data/attention_window": window / max(rows, 1.0),
         }
         for name, tokens in zip(self.names, t[len(STATS_FIELDS):]):
             metrics[f"data/mix/{name}"] = tokens / real
@@ -143,13 +148,22 @@ def _check_sources(specs: list[SourceSpec], n_readers: int) -> None:
             )
 
 
+def _window_clock(job_config: Any, dp_world_size: int) -> WindowClock | None:
+    sky = getattr(job_config, "skyladder", None)
+    if sky is None or not sky.enable:
+        return None
+    training = job_config.training
+    full = validate_skyladder(sky, training.seq_len, training.steps)
+    per_step = training.local_batch_size * dp_world_size
+    grad_accum = 1 if training.global_batch_size < 0 else training.global_batch_size // per_step
+    return WindowClock(sky, full, training.steps, training.local_batch_size, max(grad_accum, 1))
+
+
 def build_packed_dataloader(
     dp_world_size: int,
     dp_rank: int,
     tokenizer: Any,
     job_config: Any,
-    *,
-    model_takes_segments: bool = False,
     **kwargs: Any,
 ):
     """Train-spec ``build_dataloader_fn`` (keyword arguments as torchtitan passes them)."""
@@ -167,10 +181,11 @@ def build_packed_dataloader(
     dataset = PackedMixtureDataset(
         specs, cfg, tokenizer.tokenizer, tokenizer.bos_id, tokenizer.eos_id, pad_id,
         job_config.training.seq_len, dp_rank, dp_world_size, seed,
+        window_clock=_window_clock(job_config, dp_world_size),
     )
     LOADER_STATS.names = [s.name for s in specs]
     keys = ("input",) + (("positions",) if cfg.reset_positions else ()) + (
-        ("segment_ids",) if model_takes_segments else ()
+        ("segment_ids",) if masking_requested(job_config) else ()
     )
     loader_kwargs: dict[str, Any] = {
         "batch_size": job_config.training.local_batch_size,

@@ -8,7 +8,6 @@ of :mod:`ext.parallel` and the run summary of :mod:`ext.metrics`.
 from __future__ import annotations
 
 from torchtitan.components.loss import build_cross_entropy_loss
-from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.components.optimizer import build_optimizers
 from torchtitan.components.tokenizer import build_hf_tokenizer
 from torchtitan.components.validate import build_validator
@@ -20,9 +19,26 @@ from torchtitan.protocols.train_spec import TrainSpec
 
 from ext.data.loader import build_packed_dataloader
 from ext.metrics import build_summary_metrics_processor
+from ext.models.segments import SegmentMasking, convert_args, with_segment_args
 from ext.parallel import with_extension_fixes
+from ext.scheduler import build_lr_schedulers
 
 LLAMA3_SPEC_NAME = "ext_llama3"
+
+SegmentLlama3Args = with_segment_args(TransformerModelArgs)
+
+
+class SegmentLlama3(SegmentMasking, Transformer):
+    """torchtitan's Llama-3 with attention masked by the batch's segment ids."""
+
+    def __init__(self, model_args: SegmentLlama3Args):
+        super().__init__(model_args)
+        self.install_segment_attention()
+
+    def forward(self, tokens, attention_masks=None, positions=None, segment_ids=None):
+        if self.model_args.mask_backend == "dense":
+            self.set_dense_mask(segment_ids)
+        return super().forward(tokens, attention_masks=attention_masks, positions=positions)
 
 # Tiny flavors sized for the shipped 2048-token tokenizer and a 2-core CPU.
 TINY_FLAVORS: dict[str, TransformerModelArgs] = {
@@ -41,12 +57,15 @@ TINY_FLAVORS: dict[str, TransformerModelArgs] = {
 
 def llama3_flavors() -> dict[str, TransformerModelArgs]:
     """torchtitan's llama3 flavors (debugmodel, 8B, 70B, 405B, ...) plus ours."""
-    return {**llama3_args, **TINY_FLAVORS}
+    return {
+        name: convert_args(args, SegmentLlama3Args)
+        for name, args in {**llama3_args, **TINY_FLAVORS}.items()
+    }
 
 
 def llama3_train_spec() -> TrainSpec:
     return TrainSpec(
-        model_cls=Transformer,
+        model_cls=SegmentLlama3,
         model_args=llama3_flavors(),
         parallelize_fn=with_extension_fixes(parallelize_llama),
         pipelining_fn=pipeline_llm,

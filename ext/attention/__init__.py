@@ -1,0 +1,1 @@
+"""Segment-aware attention: masks for every backend, and SkyLadder."""

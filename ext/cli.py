@@ -1,0 +1,189 @@
+"""Command-line tools: ``python -m ext.cli COMMAND [options] [--section.key value ...]``.
+
+Commands:
+
+* ``lr-schedule``: print the LR schedule a config trains with (step and LR at
+  about 20 steps: the first, the end of warmup, the start of the decay, the
+  last, and evenly spaced ones between) and plot it to ``lr_schedule.png``
+  when matplotlib is installed (``pip install -e .[plot]``).
+
+Commands marked ``config_args`` read the trainer's config exactly as training
+does: ``--job.config_file X`` plus any ``--section.key value`` overrides, parsed
+by torchtitan's ConfigManager with ``ext.job_config``. A bad setting ends the
+command with one line on stderr and exit status 2.
+
+To add a command, write ``add_arguments(parser)`` and ``run(args, config_argv)
+-> int`` and :func:`register` a :class:`Command`; :func:`load_job_config`
+turns ``config_argv`` into the JobConfig.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tomllib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ext.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace, list[str]], int]
+    config_args: bool = False
+    """Unrecognized ``--section.key`` options are trainer config arguments."""
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def register(command: Command) -> Command:
+    COMMANDS[command.name] = command
+    return command
+
+
+def load_job_config(argv: list[str]) -> Any:
+    """The JobConfig training would build from ``argv`` (torchtitan's arguments)."""
+    import ext.job_config  # noqa: F401  (our sections and specs)
+    from ext.train import with_config_module
+    from torchtitan.config import ConfigManager
+
+    argv = with_config_module(list(argv))
+    config_file = None
+    for i, arg in enumerate(argv):
+        key, eq, value = arg.partition("=")
+        if key in ("--job.config_file", "--job.config-file"):
+            config_file = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+    if config_file is not None and not os.path.isfile(config_file):
+        raise ConfigError(f"--job.config_file {config_file!r} does not exist; give the path of a TOML config")
+    try:
+        return ConfigManager().parse_args(argv)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{config_file}: not valid TOML ({exc})") from None
+    except ConfigError:
+        raise
+    except ValueError as exc:  # torchtitan's unknown-key error spans lines
+        raise ConfigError(" ".join(str(exc).split())) from None
+
+
+# ------------------------------------------------------------------ lr-schedule
+
+
+def schedule_rows(key_steps: dict[int, str], last: int, rows: int) -> list[int]:
+    """``key_steps`` plus evenly spaced steps in [1, last], about ``rows`` in all."""
+    if last <= rows:
+        return list(range(1, last + 1))
+    chosen = {s for s in key_steps if 1 <= s <= last}
+    spare = max(rows - len(chosen), 2)
+    chosen.update(round(1 + i * (last - 1) / (spare - 1)) for i in range(spare))
+    return sorted(chosen)
+
+
+def key_steps(factors: list[float]) -> dict[int, str]:
+    """Label the landmarks of a schedule from its factors at steps 1..n."""
+    n = len(factors)
+    marks = {1: "first"}
+    at_peak = [s for s, f in enumerate(factors, start=1) if f >= 1.0 - 1e-12]
+    if at_peak:
+        if at_peak[0] > 1:
+            marks[at_peak[0]] = "warmup end"
+        if at_peak[-1] < n:
+            marks[at_peak[-1] + 1] = "decay start"
+    marks[n] = "last"
+    return marks
+
+
+def _plot(path: str, steps: list[int], lrs: list[float], title: str, marks: dict[int, str]) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no plot: matplotlib is not installed (pip install matplotlib, or pip install -e .[plot])"
+    stride = max(1, len(steps) // 20000)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot(steps[::stride] + steps[-1:], lrs[::stride] + lrs[-1:], lw=1.5)
+    for step, label in marks.items():
+        if label in ("warmup end", "decay start"):
+            ax.axvline(step, color="grey", ls=":", lw=1)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("step")
+    ax.set_ylabel("learning rate")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"plot: {path}"
+
+
+def _lr_schedule_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plot", default="lr_schedule.png", metavar="PATH",
+                        help='PNG to write (default: lr_schedule.png); "" for none')
+    parser.add_argument("--rows", type=int, default=20, help="about how many steps to print (default 20)")
+
+
+def _lr_schedule(args: argparse.Namespace, config_argv: list[str]) -> int:
+    from ext.scheduler import resolve_schedule
+
+    cfg = load_job_config(config_argv)
+    steps = cfg.training.steps
+    schedule = resolve_schedule(cfg.lr_scheduler, steps, cfg.optimizer.lr)
+    factors = [schedule.factor(s) for s in range(1, steps + 1)]
+    marks = key_steps(factors)
+    length = "" if schedule.total_steps == steps else f" (schedule length {schedule.total_steps})"
+    print(f"LR schedule {schedule.description}")
+    print(f"optimizer.lr {schedule.peak_lr:.4g}, training.steps {steps}{length}")
+    print(f"{'step':>8}  {'lr':>11}  {'x lr':>7}")
+    for s in schedule_rows(marks, steps, args.rows):
+        note = f"  {marks[s]}" if s in marks else ""
+        print(f"{s:>8}  {schedule.peak_lr * factors[s - 1]:>11.4e}  {factors[s - 1]:>7.4f}{note}")
+    if args.plot:
+        lrs = [schedule.peak_lr * f for f in factors]
+        print(_plot(args.plot, list(range(1, steps + 1)), lrs, schedule.description, marks))
+    return 0
+
+
+register(Command(
+    name="lr-schedule",
+    help="print (and plot) the LR schedule of a config",
+    add_arguments=_lr_schedule_arguments,
+    run=_lr_schedule,
+    config_args=True,
+))
+
+
+# ------------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ext.cli", description="torchtitan-ext tools", allow_abbrev=False
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS.values():
+        epilog = "Other --section.key options are trainer config arguments." if command.config_args else None
+        command.add_arguments(sub.add_parser(
+            command.name, help=command.help, description=command.help, epilog=epilog,
+            allow_abbrev=False,
+        ))
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    command = COMMANDS[args.command]
+    if rest and not command.config_args:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        return command.run(args, rest)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

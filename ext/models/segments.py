@@ -1,0 +1,107 @@
+"""Segment-aware attention for torchtitan transformer models.
+
+The model takes the loader's ``segment_ids`` (never EOS positions) and
+renders them for the backend that ``[attention]`` resolves to:
+
+- "flex" and "varlen": the model's ``attn_type`` is set accordingly, so
+  torchtitan's trainer calls :meth:`SegmentMasking.get_attention_masks` and
+  passes the result to every layer (and every pipeline stage) through
+  torchtitan's own Flex/Varlen wrappers.
+- "dense": torchtitan's SDPA path takes no mask, so each layer's inner SDPA
+  module is replaced by :class:`DenseMaskSDPA`, and the model's forward hands
+  it the boolean mask of the batch before running the layers. The mask stays
+  set until the next forward, so activation-checkpoint recomputation in the
+  backward sees the same mask. (Pipeline parallelism needs flex or varlen:
+  segment ids reach only the first stage.)
+- "none": plain causal SDPA, torchtitan's default path.
+"""
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchtitan.models.attention import VarlenMetadata
+
+from ext.attention.config import masking_requested, resolve_backend
+from ext.attention.masks import dense_mask, flex_block_mask, varlen_metadata
+
+_ATTN_TYPE = {"none": "sdpa", "dense": "sdpa", "flex": "flex", "varlen": "varlen"}
+
+
+@dataclass
+class SegmentArgs:
+    """Mixin for model-args dataclasses: which mask backend the model uses."""
+
+    mask_backend: str = "none"
+
+    def resolve_masking(self, job_config: Any) -> None:
+        attention = getattr(job_config, "attention", None)
+        if attention is None:
+            return
+        self.mask_backend = resolve_backend(attention, masking_requested(job_config))
+        self.attn_type = _ATTN_TYPE[self.mask_backend]
+        if self.mask_backend in ("flex", "varlen"):
+            self.attn_mask_type = "block_causal"
+
+
+def with_segment_args(base: type) -> type:
+    """``base`` model-args dataclass extended by :class:`SegmentArgs`."""
+
+    @dataclass
+    class Args(SegmentArgs, base):
+        def update_from_config(self, job_config: Any, **kwargs: Any) -> None:
+            self.resolve_masking(job_config)
+            super().update_from_config(job_config, **kwargs)
+
+    Args.__name__ = Args.__qualname__ = f"Segment{base.__name__}"
+    return Args
+
+
+def convert_args(args: Any, cls: type) -> Any:
+    """A flavor's args as an instance of the extended ``cls``."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(args)})
+
+
+class DenseMaskSDPA(nn.Module):
+    """SDPA with an explicit boolean mask, behind torchtitan's SDPA-wrapper interface."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask: torch.Tensor | None = None
+
+    def forward(self, q, k, v, *, scale=None, enable_gqa=False, is_causal=True):
+        if self.mask is None:
+            raise RuntimeError("dense segment attention ran without a mask; pass segment_ids")
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=self.mask, scale=scale, enable_gqa=enable_gqa
+        )
+
+
+class SegmentMasking:
+    """Mixin for torchtitan ``Transformer`` classes (``self.layers[i].attention``)."""
+
+    model_args: Any
+    layers: nn.ModuleDict
+
+    def install_segment_attention(self) -> None:
+        if self.model_args.mask_backend == "dense":
+            for layer in self.layers.values():
+                layer.attention.inner_attention = DenseMaskSDPA()
+
+    def get_attention_masks(self, input_batch, tokenizer, extra_inputs=None):
+        segment_ids = (extra_inputs or {}).get("segment_ids")
+        if segment_ids is None:
+            raise ValueError("segment attention needs `segment_ids` in the batch ([data] loader)")
+        if self.model_args.mask_backend == "flex":
+            return flex_block_mask(segment_ids)
+        meta = varlen_metadata(segment_ids)
+        return VarlenMetadata(meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen)
+
+    def set_dense_mask(self, segment_ids: torch.Tensor | None) -> None:
+        if segment_ids is None:
+            raise ValueError("dense segment attention needs `segment_ids` in the batch")
+        mask = dense_mask(segment_ids)
+        for layer in self.layers.values():
+            layer.attention.inner_attention.mask = mask

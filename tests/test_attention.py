@@ -1,0 +1,206 @@
+"""Segment-aware attention and SkyLadder, against independent references."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.attention.flex_attention import create_block_mask
+
+import ext.job_config  # noqa: F401
+from ext.attention.config import SkyLadder
+from ext.attention.masks import dense_mask, segment_mask_mod, varlen_allowed_pairs, varlen_metadata
+from ext.attention.skyladder import WindowClock, fragment_segments, skyladder_window
+from ext.models.llama3 import SegmentLlama3, SegmentLlama3Args
+
+from .conftest import DEBUG_CONFIG, read_summary, run_train
+
+torch.set_default_dtype(torch.float32)
+
+
+def tiny_model(backend: str = "dense") -> SegmentLlama3:
+    args = SegmentLlama3Args(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=2048,
+                             multiple_of=32, rope_theta=10000, max_seq_len=256, mask_backend=backend)
+    torch.manual_seed(0)
+    model = SegmentLlama3(args)
+    with torch.no_grad():
+        model.init_weights()
+    return model.eval()
+
+
+def segment_ids_of(lengths: list[int]) -> torch.Tensor:
+    return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+
+
+def reset_positions(lengths: list[int]) -> torch.Tensor:
+    return torch.cat([torch.arange(n) for n in lengths])
+
+
+def brute_force_mask(seg: torch.Tensor) -> torch.Tensor:
+    """Allowed (q, k) pairs by definition, with Python loops."""
+    b, s = seg.shape
+    out = torch.zeros(b, 1, s, s, dtype=torch.bool)
+    for i in range(b):
+        for q in range(s):
+            for k in range(q + 1):
+                out[i, 0, q, k] = bool(seg[i, q] == seg[i, k])
+    return out
+
+
+# -- (a) a packed row equals each document alone --------------------------------------
+
+@pytest.mark.parametrize("reset", [True, False], ids=["reset-positions", "absolute-positions"])
+def test_each_packed_document_gets_the_logits_it_gets_alone(reset):
+    model = tiny_model()
+    lengths = [7, 19, 1, 33, 12]
+    tokens = torch.randint(3, 2048, (sum(lengths),))
+    seg = segment_ids_of(lengths)
+    positions = reset_positions(lengths)[None] if reset else None
+    with torch.no_grad():
+        packed = model(tokens[None], positions=positions, segment_ids=seg[None])[0]
+        start = 0
+        for n in lengths:
+            alone = model(tokens[None, start : start + n], segment_ids=torch.zeros(1, n, dtype=torch.long))[0]
+            assert (packed[start : start + n] - alone).abs().max().item() < 1e-5
+            start += n
+
+
+def test_a_document_containing_the_eos_id_stays_one_segment():
+    model = tiny_model()
+    doc = torch.randint(3, 2048, (20,))
+    doc[8] = 1  # the tokenizer's EOS id, inside the text
+    row = torch.cat([torch.randint(3, 2048, (6,)), doc])
+    seg = segment_ids_of([6, 20])
+    with torch.no_grad():
+        packed = model(row[None], segment_ids=seg[None])[0, 6:]
+        alone = model(doc[None], segment_ids=torch.zeros(1, 20, dtype=torch.long))[0]
+    assert (packed - alone).abs().max().item() < 1e-5
+
+
+# -- (b) SkyLadder fragments equal running the fragment alone --------------------------
+
+def test_each_skyladder_fragment_gets_the_logits_it_gets_alone_with_absolute_positions():
+    model = tiny_model()
+    lengths, window = [30, 45, 21], 16
+    tokens = torch.randint(3, 2048, (sum(lengths),))
+    seg = torch.from_numpy(fragment_segments(segment_ids_of(lengths).numpy(), window))
+    with torch.no_grad():
+        packed = model(tokens[None], segment_ids=seg[None])[0]
+        starts = [0] + [i for i in range(1, len(seg)) if seg[i] != seg[i - 1]] + [len(seg)]
+        for a, b in zip(starts[:-1], starts[1:]):
+            assert b - a <= window
+            alone = model(tokens[None, a:b], positions=torch.arange(a, b)[None],
+                          segment_ids=torch.zeros(1, b - a, dtype=torch.long))[0]
+            assert (packed[a:b] - alone).abs().max().item() < 1e-5
+
+
+def test_fragments_are_the_union_of_document_boundaries_and_the_window_grid():
+    seg = segment_ids_of([5, 9, 10]).numpy()  # boundaries at 5 and 14
+    frag = fragment_segments(seg, 4)  # grid at 4, 8, 12, 16, 20
+    cuts = {i for i in range(1, len(frag)) if frag[i] != frag[i - 1]}
+    assert cuts == {4, 5, 8, 12, 14, 16, 20}
+
+
+# -- (c) flex and varlen allow exactly the dense pairs ---------------------------------
+
+def random_segments(batch: int, seq: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(batch):
+        cuts = torch.sort(torch.randperm(seq - 1, generator=g)[: 6] + 1).values
+        row = torch.zeros(seq, dtype=torch.long)
+        for c in cuts:
+            row[c:] += 1
+        rows.append(row)
+    return torch.stack(rows)
+
+
+def test_dense_mask_matches_the_definition():
+    seg = random_segments(2, 40, 0)
+    assert torch.equal(dense_mask(seg), brute_force_mask(seg))
+
+
+def test_flex_mask_mod_allows_exactly_the_dense_pairs():
+    seg = random_segments(3, 200, 1)
+    b, s = seg.shape
+    grid = segment_mask_mod(seg)(
+        torch.arange(b)[:, None, None], torch.zeros(1, dtype=torch.long),
+        torch.arange(s)[None, :, None], torch.arange(s)[None, None, :],
+    )
+    assert torch.equal(grid[:, None], dense_mask(seg))
+
+
+def test_flex_block_mask_keeps_exactly_the_blocks_with_allowed_pairs():
+    seg = random_segments(2, 256, 2)
+    block = 32
+    bm = create_block_mask(segment_mask_mod(seg), 2, None, 256, 256, device="cpu", BLOCK_SIZE=block, _compile=False)
+    blocks_used = bm.to_dense().bool()  # [B, 1, S/block, S/block]
+    dense = dense_mask(seg)
+    expected = dense.view(2, 1, 256 // block, block, 256 // block, block).any(dim=5).any(dim=3)
+    assert torch.equal(blocks_used, expected)
+
+
+def test_varlen_cu_seqlens_allow_exactly_the_dense_pairs():
+    seg = random_segments(4, 64, 3)
+    meta = varlen_metadata(seg)
+    assert torch.equal(varlen_allowed_pairs(meta, 4, 64), dense_mask(seg))
+    assert meta.max_seqlen == max(
+        int(torch.unique_consecutive(row, return_counts=True)[1].max()) for row in seg
+    )
+
+
+# -- SkyLadder schedules: closed forms ------------------------------------------------
+
+def test_rate_schedule_grows_one_token_every_rate_steps_then_clamps():
+    cfg = SkyLadder(enable=True, schedule="rate", init_window=32, rate=8)
+    for t in range(0, 20000, 37):
+        assert skyladder_window(cfg, t, 2048, 100000) == min(2048, 32 + t // 8)
+
+
+@pytest.mark.parametrize("schedule", ["lin", "sin", "exp"])
+def test_horizon_schedules_follow_their_closed_forms(schedule):
+    L, w0, T = 1024, 32, 500
+    cfg = SkyLadder(enable=True, schedule=schedule, init_window=w0, horizon_steps=T)
+    closed = {
+        "lin": lambda t: w0 + (L - w0) * t / T,
+        "sin": lambda t: w0 + (L - w0) * math.sin(math.pi / 2 * t / T),
+        "exp": lambda t: w0 * (L / w0) ** (t / T),
+    }[schedule]
+    for t in range(0, 2 * T):
+        expected = L if t >= T else min(L, math.floor(closed(t)))
+        assert skyladder_window(cfg, t, L, 10**6) == expected, t
+
+
+def test_horizon_as_a_fraction_of_training_and_rounding():
+    cfg = SkyLadder(enable=True, schedule="lin", init_window=32, horizon_fraction=0.5, rounding=64)
+    # horizon = 0.5 * 1000 steps; lin at t=100: 32 + 992*0.2 = 230.4 -> 230 -> rounded down to 192
+    assert skyladder_window(cfg, 100, 1024, 1000) == 192
+    assert skyladder_window(cfg, 0, 1024, 1000) == 32  # floor(32/64)*64 = 0 -> init_window
+    assert skyladder_window(cfg, 500, 1024, 1000) == 1024
+
+
+def test_window_clock_counts_optimizer_steps_over_workers_and_accumulation():
+    clock = WindowClock(SkyLadder(enable=True, rate=1, init_window=10), 100, 1000, local_batch=4, grad_accum=2)
+    # worker 1 of 2: its rows 0-3 form global batch 1 (step 0), rows 4-7 global batch 3 (step 1)
+    assert [clock.step_of_row(r, 1, 2) for r in (0, 3, 4, 7, 8)] == [0, 0, 1, 1, 2]
+    assert clock.window_of_row(8, 1, 2) == 12
+
+
+# -- (d) a CPU training run with document masking and SkyLadder -----------------------
+
+@pytest.mark.slow
+def test_cpu_training_with_document_masking_and_skyladder(tmp_path):
+    proc = run_train([
+        "--job.config_file", str(DEBUG_CONFIG), "--job.dump_folder", str(tmp_path),
+        "--training.steps", "30", "--metrics.log_freq", "1",
+        "--skyladder.enable", "--skyladder.schedule", "lin", "--skyladder.init_window", "16",
+        "--skyladder.horizon_steps", "20",
+    ])
+    assert "data:" in proc.output
+    history = read_summary(tmp_path)["history"]
+    windows = [h["data/attention_window"] for h in history]
+    assert windows[0] == 16 and windows[-1] == 256
+    assert windows == sorted(windows)
+    assert history[-1]["loss"] < history[0]["loss"] - 1.0
