@@ -6,7 +6,9 @@ usage() {
     cat <<'EOF'
 Usage: ./run_train.sh --job.config_file train_configs/<name>.toml [--section.key value ...]
 
-Sets up (or reuses) the virtual environment in .venv, then runs
+Sets up (or reuses) the virtual environment in .venv, checks the config
+(python -m ext.cli check: every problem on one line each, exit 2, nothing
+started), then runs
   torchrun ... -m ext.train <your arguments>
 and prints that command first. Every argument is passed to the trainer
 (torchtitan's --section.key options plus our sections); run from the
@@ -71,6 +73,11 @@ elif [[ -n "${MASTER_PORT:-}" ]]; then
     launch+=(--master_addr="${MASTER_ADDR:-localhost}" --master_port="$MASTER_PORT")
 else
     launch+=(--standalone)
+fi
+
+# Preflight: every problem of the config, one line each, before anything starts.
+if ! WORLD_SIZE=$((nproc * nnodes)) LOCAL_WORLD_SIZE="$nproc" "$EXT_PYTHON" -m ext.cli check "$@"; then
+    exit 2
 fi
 
 cmd=("$EXT_PYTHON" -m torch.distributed.run "${launch[@]}"

@@ -32,6 +32,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader  # noqa: E402
 
 from ext.data.config import Data, resolve_sources  # noqa: E402
 from ext.data.dataset import STATS_KEY, PackedMixtureDataset  # noqa: E402
+from ext.data.encoders import TextEncoder  # noqa: E402
 
 CORPUS = REPO / "ext" / "assets" / "data" / "web.jsonl"
 TOKENIZER = REPO / "ext" / "assets" / "tokenizer" / "tokenizer.json"
@@ -63,7 +64,7 @@ def main() -> None:
                 n_tok += sum(len(e.ids) for e in tok.encode_batch(texts[i : i + 1024], add_special_tokens=False))
             tokenizer_s = min(tokenizer_s, time.perf_counter() - start)
 
-            ds = PackedMixtureDataset(specs, cfg, tok, 0, 1, 2, args.seq_len, 0, 1, seed=0)
+            ds = PackedMixtureDataset(specs, cfg, TextEncoder(tok, 0, 1), 2, args.seq_len, 0, 1, seed=0)
             start = time.perf_counter()
             real_tokens = 0.0
             rows = 0

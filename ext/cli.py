@@ -7,6 +7,14 @@ Commands:
   last, and evenly spaced ones between) and plot it to ``lr_schedule.png``
   when matplotlib is installed (``pip install -e .[plot]``).
 
+* ``check``: every problem of a training config, one line each, exit 2 when
+  there is any (``run_train.sh`` runs it before starting torchrun); see
+  :mod:`ext.preflight`.
+
+* ``dcp-to-hf``: convert a DCP checkpoint to a Hugging Face folder (sharded
+  safetensors, index, config, generation config, tokenizer); see
+  :mod:`ext.export`.
+
 Commands marked ``config_args`` read the trainer's config exactly as training
 does: ``--job.config_file X`` plus any ``--section.key value`` overrides, parsed
 by torchtitan's ConfigManager with ``ext.job_config``. A bad setting ends the
@@ -23,6 +31,7 @@ import argparse
 import os
 import sys
 import tomllib
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -61,8 +70,16 @@ def load_job_config(argv: list[str]) -> Any:
             config_file = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
     if config_file is not None and not os.path.isfile(config_file):
         raise ConfigError(f"--job.config_file {config_file!r} does not exist; give the path of a TOML config")
+    if config_file is not None:
+        try:  # here, before torchtitan, which logs a traceback for a bad TOML
+            with open(config_file, "rb") as f:
+                tomllib.load(f)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{config_file}: not valid TOML ({exc})") from None
     try:
-        return ConfigManager().parse_args(argv)
+        with warnings.catch_warnings():  # tyro warns about mistyped TOML values; preflight reports them
+            warnings.simplefilter("ignore", UserWarning)
+            return ConfigManager().parse_args(argv)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{config_file}: not valid TOML ({exc})") from None
     except ConfigError:
@@ -156,6 +173,110 @@ register(Command(
     help="print (and plot) the LR schedule of a config",
     add_arguments=_lr_schedule_arguments,
     run=_lr_schedule,
+    config_args=True,
+))
+
+
+# ------------------------------------------------------------------------ flops
+
+
+def _flops_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--packed", choices=("auto", "data", "synthetic"), default="auto",
+                        help="typical packed batch from the config's [data] sources or from synthetic "
+                             "web-like documents (auto: data when [data] datasets is set)")
+    parser.add_argument("--rows", type=int, default=64, help="rows read from [data] (default 64)")
+    parser.add_argument("--docs", type=int, default=10000, help="synthetic documents (default 10000)")
+
+
+def _flops(args: argparse.Namespace, config_argv: list[str]) -> int:
+    import json
+
+    from ext.flops import flops_report
+
+    r = flops_report(load_job_config(config_argv), args.packed, docs=args.docs, rows=args.rows)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(f"{r['model']}, seq_len {r['seq_len']}: training FLOPs (forward + backward)")
+    print(f"{'':34}{'ours':>14}{'torchtitan':>14}")
+    print(f"{'params, total':34}{r['params_total']:>14,}{r['torchtitan_params']:>14,}")
+    print(f"{'params, active per token':34}{r['params_active']:>14,}")
+    print(f"{'params, embedding':34}{r['params_embedding']:>14,}")
+    tt = r["torchtitan_flops_per_token"]
+    print(f"{'FLOPs/token, full causal rows':34}{r['flops_per_token_causal']:>14.4e}{tt:>14.4e}"
+          f"  (+{100 * r['torchtitan_overcount_causal']:.1f}%)")
+    over = r["torchtitan_overcount_packed"]
+    print(f"{'FLOPs/trained token, packed batch':34}{r['flops_per_token_packed']:>14.4e}{tt:>14.4e}"
+          + (f"  (+{100 * over:.1f}% per step)" if over is not None else ""))
+    print(f"packed batch: {r['packed_rows']} rows ({r['packed_source']}), attention "
+          f"{'within documents' if r['packed_attention'] == 'documents' else 'causal over the row'}, "
+          f"{100 * r['packed_trained_fraction']:.2f}% of tokens trained, "
+          f"{r['packed_pairs_per_trained_token']:.1f} keys per trained query")
+    if r["params_of_built_model"] != r["params_total"]:
+        print(f"warning: the built model has {r['params_of_built_model']:,} parameters", file=sys.stderr)
+    return 0
+
+
+register(Command(
+    name="flops",
+    help="parameters and training FLOPs per token of a config (ours and torchtitan's)",
+    add_arguments=_flops_arguments,
+    run=_flops,
+    config_args=True,
+))
+
+
+# -------------------------------------------------------------------- dcp-to-hf
+
+
+def _dcp_to_hf_arguments(parser: argparse.ArgumentParser) -> None:
+    from ext.export import add_arguments
+
+    add_arguments(parser)
+
+
+def _dcp_to_hf(args: argparse.Namespace, config_argv: list[str]) -> int:
+    from ext.export import run
+
+    # No config option: the model is identified from the checkpoint's tensors.
+    return run(args, load_job_config(config_argv) if config_argv else None)
+
+
+register(Command(
+    name="dcp-to-hf",
+    help="convert a DCP checkpoint to a Hugging Face folder (safetensors, config, tokenizer)",
+    add_arguments=_dcp_to_hf_arguments,
+    run=_dcp_to_hf,
+    config_args=True,
+))
+
+
+# ------------------------------------------------------------------------ check
+
+
+def _check_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--job.config_file", dest="config_file", required=True, help="TOML config to check")
+
+
+def _check(args: argparse.Namespace, config_argv: list[str]) -> int:
+    from ext.preflight import check
+
+    problems = check(load_job_config(["--job.config_file", args.config_file, *config_argv]))
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        print(f"{len(problems)} problem(s) in {args.config_file}; nothing was started", file=sys.stderr)
+        return 2
+    print(f"{args.config_file}: ok")
+    return 0
+
+
+register(Command(
+    name="check",
+    help="check a training config (sources, assets, sizes, layout, attention, schedule) without training",
+    add_arguments=_check_arguments,
+    run=_check,
     config_args=True,
 ))
 

@@ -12,10 +12,15 @@ an accelerator, the CPU support of :mod:`ext.device`, so a stock
 from dataclasses import dataclass, field
 
 from ext.attention.config import Attention, SkyLadder
-from ext.data.config import Data
+from ext.checkpoint import install_checkpoint_manager
+from ext.data.config import Data, Sft
 from ext.device import install_cpu_support
+from ext.eval import Eval
+from ext.seeding import install as install_seeding
 from ext.models import register_all as _register_specs
+from ext.models.moe import MoEConfig
 from ext.scheduler import LRScheduler
+from ext.trainer import InputPipeline
 
 
 @dataclass
@@ -30,6 +35,14 @@ class Metrics:
     summary only.
     """
 
+    peak_tflops: float = 0.0
+    """
+    Dense peak of one device in TFLOP/s, the denominator of MFU (bf16, or fp8
+    when a float8/MX converter is on). 0: detect it from the device name
+    (A100, H100 SXM/NVL/PCIe, H200, B200, MI300X, MI325X, MI355X; see
+    ext/flops.py); on other devices, the CPU included, MFU is shown as n/a.
+    """
+
 
 @dataclass
 class JobConfig:
@@ -37,10 +50,16 @@ class JobConfig:
 
     metrics: Metrics = field(default_factory=Metrics)
     data: Data = field(default_factory=Data)
+    sft: Sft = field(default_factory=Sft)
     lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
     attention: Attention = field(default_factory=Attention)
     skyladder: SkyLadder = field(default_factory=SkyLadder)
+    input_pipeline: InputPipeline = field(default_factory=InputPipeline)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    eval: Eval = field(default_factory=Eval)
 
 
 install_cpu_support()
+install_seeding()
+install_checkpoint_manager()
 _register_specs()

@@ -11,6 +11,16 @@ closes, rank 0 prints one line::
 and, unless ``[metrics] summary_file`` is empty, writes the same figures and
 the per-step history as JSON under ``job.dump_folder``. Tokens/s counts the
 steps after the first logged one, so start-up and warm-up do not dilute it.
+
+FLOPs and MFU (:mod:`ext.flops`): every log counts the model FLOPs of the
+batches trained since the previous log from their trained tokens and
+attended pairs (the loader's statistics; with torchtitan's own loader, full
+causal rows), so torchtitan's ``tflops`` and ``mfu`` use them, and a
+``flops:`` line, TensorBoard (``flops/...``) and the history add tokens/s of
+all and of trained tokens, hardware FLOP/s (with activation recomputation)
+and MFU/HFU against the peak of :func:`ext.flops.peak_from_config` ("n/a"
+when unknown). That peak also replaces torchtitan's ``get_peak_flops`` (no
+``lspci``, no A100 fallback).
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from torchtitan.distributed import ParallelDims
 from torchtitan.tools.logging import logger
 
 from ext.data.loader import LOADER_STATS
+from ext.flops import FlopsMeter, UnsupportedModel, build_meter, install_peak_lookup, peak_from_config
 
 
 def _is_rank0() -> bool:
@@ -37,10 +48,15 @@ class SummaryMetricsProcessor(MetricsProcessor):
     """MetricsProcessor that records each logged step and summarizes the run."""
 
     def __init__(
-        self, job_config: JobConfig, parallel_dims: ParallelDims, tag: str | None = None
+        self, job_config: JobConfig, parallel_dims: ParallelDims, tag: str | None = None,
+        model_args: Any = None,
     ):
+        peak = peak_from_config(job_config)
+        install_peak_lookup(peak)  # before torchtitan's __init__ asks for it
         super().__init__(job_config, parallel_dims, tag)
+        self._flops = _flops_meter(job_config, parallel_dims, model_args, peak)
         self.history: list[dict[str, float]] = []
+        self.eval_history: list[dict[str, float]] = []  # ext.eval results, one entry per evaluation
         self._timed_tokens = 0
         self._timed_since: float | None = None
         self._timed_until: float | None = None
@@ -102,7 +118,13 @@ class SummaryMetricsProcessor(MetricsProcessor):
     ) -> None:
         tokens = self.ntokens_since_last_log
         data_metrics = LOADER_STATS.take()
-        extra_metrics = {**(extra_metrics or {}), **data_metrics}
+        flops_metrics = {}
+        if self._flops is not None and tokens > 0:
+            flops_metrics = self._flops.window(
+                tokens, LOADER_STATS.window_totals, time.perf_counter() - self.time_last_log
+            )
+            self.num_flops_per_token = self._flops.flops_per_token(tokens)  # torchtitan's tflops/mfu
+        extra_metrics = {**(extra_metrics or {}), **data_metrics, **flops_metrics}
         super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics)
         if data_metrics:
             mix = " ".join(
@@ -114,14 +136,18 @@ class SummaryMetricsProcessor(MetricsProcessor):
                 f"data: pad {100 * data_metrics['data/pad_fraction']:.2f}%  docs cut "
                 f"{100 * data_metrics['data/docs_cut_fraction']:.2f}%  window {window:.0f}  mix {mix}"
             )
+        if flops_metrics:
+            logger.info(self._flops.line(flops_metrics))
         now = time.perf_counter()
         if self._timed_since is None:
             self._timed_since = now
         else:
             self._timed_tokens += tokens
             self._timed_until = now
+            if flops_metrics:
+                self._flops.add_last_to_timed()
         entry = {"step": step, "loss": float(global_avg_loss), "grad_norm": float(grad_norm)}
-        for key in ("lr", *data_metrics):
+        for key in ("lr", *data_metrics, *flops_metrics):
             if key in extra_metrics:
                 entry[key] = float(extra_metrics[key])
         self.history.append(entry)
@@ -143,8 +169,22 @@ class SummaryMetricsProcessor(MetricsProcessor):
             "tokens_per_second_per_device": (
                 self._timed_tokens / elapsed if elapsed > 0 else None
             ),
+            **(self._flops.summary(elapsed) if self._flops is not None else {}),
             "history": self.history,
+            **({"eval": self.eval_history} if self.eval_history else {}),
         }
+
+    def log_eval(self, step: int, metrics: dict[str, float], seconds: float) -> None:
+        """Evaluation results (:mod:`ext.eval`) to TensorBoard and the summary; the
+        ``seconds`` spent evaluating are left out of the training throughput."""
+        self.logger.log(metrics, step)
+        self.eval_history.append({"step": step, **{k: float(v) for k, v in metrics.items()}, "seconds": seconds})
+        # evaluation runs after this step's log: shift every clock the next log measures from
+        self.time_last_log += seconds
+        if self._timed_since is not None:
+            self._timed_since += seconds
+        if self._timed_until is not None:
+            self._timed_until += seconds
 
     def close(self) -> None:
         super().close()
@@ -156,6 +196,8 @@ class SummaryMetricsProcessor(MetricsProcessor):
             return
         tps = summary["tokens_per_second_per_device"]
         tps_text = f"{tps:,.0f} tokens/s per device" if tps else "tokens/s n/a (one logged step)"
+        if summary.get("mfu_pct") is not None:
+            tps_text += f", MFU {summary['mfu_pct']:.1f}%"
         logger.info(
             f"run summary: {summary['steps']} steps, loss {summary['first_loss']:.4f} -> "
             f"{summary['last_loss']:.4f}, {tps_text}"
@@ -177,4 +219,19 @@ def build_summary_metrics_processor(
     tag: str | None = None,
 ) -> SummaryMetricsProcessor:
     """Train-spec ``build_metrics_processor_fn`` for our specs."""
-    return SummaryMetricsProcessor(job_config, parallel_dims, tag)
+    return SummaryMetricsProcessor(job_config, parallel_dims, tag, model_args=model_args)
+
+
+def _flops_meter(job_config: Any, parallel_dims: ParallelDims, model_args: Any, peak: Any) -> FlopsMeter | None:
+    if peak.tflops is None:
+        logger.warning(
+            f"flops: {peak.describe()}: MFU is shown as n/a; set [metrics] peak_tflops "
+            f"to its dense {peak.dtype} peak in TFLOP/s"
+        )
+    try:
+        meter = build_meter(job_config, model_args, peak, parallel_dims.non_data_parallel_size)
+    except UnsupportedModel as exc:
+        logger.warning(f"flops: {exc}; tflops and mfu are torchtitan's estimate")
+        return None
+    logger.info(f"flops: {meter.describe()}")
+    return meter

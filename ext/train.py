@@ -4,16 +4,20 @@
 Command-line arguments are torchtitan's (``--section.key value``). When
 neither the command line nor the TOML names a ``[job] custom_config_module``,
 ``ext.job_config`` is added so that our sections parse; a module named by the
-user is left alone (it can extend ours by importing it).
+user is left alone (it can extend ours by importing it). The trainer is
+:class:`ext.trainer.Trainer` (torchtitan's with the ``[input_pipeline]`` prefetch).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import tomllib
 
 import ext.job_config  # noqa: F401  (registers specs, datasets, CPU support)
-from torchtitan.train import Trainer, main
+from torchtitan.train import main
+
+from ext.trainer import Trainer  # torchtitan's, plus the [input_pipeline] prefetch
 
 CONFIG_MODULE = "ext.job_config"
 
@@ -26,21 +30,56 @@ def _option(argv: list[str], names: tuple[str, ...]) -> str | None:
     return None
 
 
+def _toml_section(argv: list[str], section: str) -> dict:
+    config_file = _option(argv, ("--job.config_file", "--job.config-file"))
+    if not config_file:
+        return {}
+    try:
+        with open(config_file, "rb") as f:
+            return tomllib.load(f).get(section, {})
+    except (OSError, tomllib.TOMLDecodeError):
+        return {}  # torchtitan reports the unreadable file itself
+
+
 def with_config_module(argv: list[str]) -> list[str]:
     """``argv`` plus ``--job.custom_config_module=ext.job_config`` if none is named."""
     if _option(argv, ("--job.custom_config_module", "--job.custom-config-module")):
         return argv
-    config_file = _option(argv, ("--job.config_file", "--job.config-file"))
-    if config_file:
-        try:
-            with open(config_file, "rb") as f:
-                if tomllib.load(f).get("job", {}).get("custom_config_module"):
-                    return argv
-        except (OSError, tomllib.TOMLDecodeError):
-            pass  # torchtitan reports the unreadable file itself
+    if _toml_section(argv, "job").get("custom_config_module"):
+        return argv
     return [*argv, f"--job.custom_config_module={CONFIG_MODULE}"]
 
 
+DP_KEYS = ("data_parallel_replicate_degree", "data_parallel_shard_degree")
+
+
+def with_layout_defaults(argv: list[str], world_size: int, local_world_size: int) -> list[str]:
+    """Several nodes and no data-parallel degrees given: HSDP, replicating across
+    nodes and sharding within each (FSDP's all-gathers stay on the fast intra-node
+    links). One node keeps torchtitan's default, FSDP over all its devices.
+    Explicit ``[parallelism]`` degrees, in the TOML or on the command line, win."""
+    nodes = world_size // max(local_world_size, 1)
+    if nodes <= 1:
+        return argv
+    given = _toml_section(argv, "parallelism")
+    if any(k in given or _option(argv, (f"--parallelism.{k}",)) is not None for k in DP_KEYS):
+        return argv
+    others = 1
+    for key in ("tensor_parallel_degree", "pipeline_parallel_degree", "context_parallel_degree"):
+        value = _option(argv, (f"--parallelism.{key}",)) or given.get(key, 1)
+        others *= int(value)
+    if local_world_size % others:
+        return argv
+    print(f"[parallelism] {nodes} nodes x {local_world_size} processes: HSDP by default "
+          f"(replicate over {nodes} nodes, shard over {local_world_size // others} within each); "
+          "set [parallelism] data_parallel_* degrees to choose another layout", file=sys.stderr)
+    return [*argv, f"--parallelism.data_parallel_replicate_degree={nodes}",
+            "--parallelism.data_parallel_shard_degree=-1"]
+
+
 if __name__ == "__main__":
-    sys.argv[1:] = with_config_module(sys.argv[1:])
+    argv = with_config_module(sys.argv[1:])
+    sys.argv[1:] = with_layout_defaults(
+        argv, int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    )
     main(Trainer)

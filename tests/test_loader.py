@@ -17,6 +17,7 @@ from torchtitan.config import ConfigManager
 import ext.job_config  # noqa: F401
 from ext.data.config import Data, resolve_sources
 from ext.data.dataset import PackedMixtureDataset
+from ext.data.encoders import TextEncoder
 from ext.data.loader import LOADER_STATS, PackedDataLoader, build_packed_dataloader, resolve_num_workers
 from ext.errors import ConfigError, DataError
 
@@ -36,7 +37,7 @@ def numbered_docs(prefix: str, ids: range) -> list[str]:
 
 
 def make_dataset(specs, cfg: Data, seq_len=64, dp_rank=0, dp_world=1, seed=0):
-    return PackedMixtureDataset(specs, cfg, TOK, BOS, EOS, PAD, seq_len, dp_rank, dp_world, seed)
+    return PackedMixtureDataset(specs, cfg, TextEncoder(TOK, BOS, EOS), PAD, seq_len, dp_rank, dp_world, seed)
 
 
 def segments(sample_input: np.ndarray, seg: np.ndarray) -> list[np.ndarray]:
@@ -197,7 +198,7 @@ def test_malformed_line_is_skipped_counted_and_named(tmp_path, caplog):
         names = doc_names(ds)
     assert sorted(names) == ["good0", "good1"]
     assert ds._sources[0].bad_count == 2
-    assert f"{f}:2: not valid JSON" in caplog.text and f"{f}:3: no string field 'text'" in caplog.text
+    assert f"{f}:2: not valid JSON" in caplog.text and f"{f}:3: no field 'text'" in caplog.text
 
 
 def test_malformed_line_is_an_error_when_configured(tmp_path):

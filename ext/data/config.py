@@ -105,6 +105,38 @@ class Data:
     """
 
 
+@dataclass
+class Sft:
+    """Chat supervised fine-tuning: every [data] source holds conversations."""
+
+    enable: bool = False
+    """
+    Treat [data] sources as chat samples: `text_fields` name the conversation
+    field ("messages" with role/content, or "conversations" with from/value),
+    rendered with the chat template; each sample is one packed segment.
+    """
+
+    train_roles: list[str] = field(default_factory=lambda: ["assistant"])
+    """Roles whose turns are trained (system, user, assistant, tool); default assistant only."""
+
+    last_turn_only: bool = False
+    """Train only the last turn of a trained role in each sample."""
+
+    template_file: str = ""
+    """Jinja chat template file replacing the tokenizer's (empty: the tokenizer's own)."""
+
+    mask_method: Literal["auto", "generation", "prefix"] = "auto"
+    """
+    "generation": the template's {% generation %} tags (assistant only);
+    "prefix": render prefixes and map character spans to tokens; "auto":
+    generation when the template has the tags and only assistant turns of every
+    turn are trained, else prefix.
+    """
+
+    overlong: Literal["drop", "truncate"] = "drop"
+    """A sample longer than a row (seq_len + 1 tokens): "drop" it (counted) or "truncate" it."""
+
+
 @dataclass(frozen=True)
 class SourceSpec:
     """One resolved source."""
@@ -117,6 +149,10 @@ class SourceSpec:
     text_field: str
     prob: float
     on_exhaustion: str
+    # Hash holdout (ext.data.holdout, set from [eval]): records whose content hash is
+    # below `holdout` are skipped, or with `heldout_only` are the only ones read.
+    holdout: float = 0.0
+    heldout_only: bool = False
 
 
 def _per_source(key: str, values: list, n: int) -> list:
@@ -221,6 +257,9 @@ def looks_like_hub_id(location: str) -> bool:
 
 def resolve_sources(cfg: Data) -> list[SourceSpec]:
     """Check ``[data]`` and return one spec per source (empty list: section unused)."""
+    for key in ("datasets", "names", "sampling_probs", "splits", "text_fields", "on_exhaustion"):
+        if not isinstance(getattr(cfg, key), list):
+            raise ConfigError(f"[data] {key} must be a list, e.g. {key} = [...]")
     n = len(cfg.datasets)
     if n == 0:
         return []
@@ -247,6 +286,8 @@ def resolve_sources(cfg: Data) -> list[SourceSpec]:
     if cfg.buffer_docs < 1:
         raise ConfigError(f"[data] buffer_docs = {cfg.buffer_docs}: must be >= 1")
     parse_num_workers(cfg.num_workers)
+    if cfg.packing not in ("bfd", "greedy"):
+        raise ConfigError(f"[data] packing = {cfg.packing!r}: use \"bfd\" or \"greedy\"")
 
     specs = []
     for i, location in enumerate(cfg.datasets):

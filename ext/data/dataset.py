@@ -24,22 +24,30 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ext.attention.skyladder import WindowClock, fragment_segments
+from ext.data.chat import split_untrained
 from ext.data.config import Data, SourceSpec
 from ext.data.mixture import Mixture
 from ext.data.packing import pack_documents, rows_to_batch
+from ext.flops import attention_counts
 from ext.data.sources import Source, open_shards
 
 # Per-row statistics travel with each sample under this key; the loader
 # strips them before the batch reaches the model.
 STATS_KEY = "loader_stats"
-STATS_FIELDS = ("row_tokens", "pad_tokens", "docs", "cut_docs", "rows", "window")
+STATS_FIELDS = ("row_tokens", "pad_tokens", "docs", "cut_docs", "rows", "window",
+                "trained_tokens", "attn_pairs", "attn_pairs_causal")
+# The last three are filled in when a row is yielded (after SkyLadder cuts it), by
+# ext.flops.attention_counts: labels != -100, and the keys those trained queries
+# attend within their segments / under plain causal attention. The metrics
+# processor picks the pair count that matches what the model runs.
 
 
 def row_statistics(packed: Any, doc_source: np.ndarray, n_sources: int) -> np.ndarray:
-    """float64 [n_rows, 6 + n_sources]: row tokens, padding, documents, cut
+    """float64 [n_rows, 9 + n_sources]: row tokens, padding, documents, cut
     documents, 1 (rows), the attention window (filled in when the row is
-    yielded), then real tokens per source. A document split into k pieces
-    counts 1/k in each row holding a piece, so sums over rows are exact."""
+    yielded, as are the three attention counts that follow), then real tokens
+    per source. A document split into k pieces counts 1/k in each row holding
+    a piece, so sums over rows are exact."""
     n_rows, width = packed.tokens.shape
     out = np.zeros((n_rows, len(STATS_FIELDS) + n_sources))
     if n_rows == 0:
@@ -81,9 +89,7 @@ class PackedMixtureDataset(IterableDataset, Stateful):
         self,
         specs: list[SourceSpec],
         cfg: Data,
-        tokenizer: Any,
-        bos_id: int | None,
-        eos_id: int | None,
+        encoder: Any,
         pad_id: int,
         seq_len: int,
         dp_rank: int,
@@ -94,9 +100,7 @@ class PackedMixtureDataset(IterableDataset, Stateful):
         self.specs = specs
         self.window_clock = window_clock
         self.cfg = cfg
-        self.tokenizer = tokenizer
-        self.bos_id = bos_id if cfg.add_bos else None
-        self.eos_id = eos_id if cfg.add_eos else None
+        self.encoder = encoder  # TextEncoder or ChatEncoderSpec (ext.data.encoders)
         self.pad_id = pad_id
         self.seq_len = seq_len
         self.dp_rank = dp_rank
@@ -119,10 +123,11 @@ class PackedMixtureDataset(IterableDataset, Stateful):
 
     def _build(self) -> None:
         reader, n_readers = self._reader()
+        encoder = self.encoder.build()
         self._sources = [
             Source(
-                spec, i, open_shards(spec), reader, n_readers, self.tokenizer,
-                self.bos_id, self.eos_id, self.seed, self.cfg.shuffle, self.cfg.bad_records,
+                spec, i, open_shards(spec), reader, n_readers, encoder,
+                self.seed, self.cfg.shuffle, self.cfg.bad_records,
             )
             for i, spec in enumerate(self.specs)
         ]
@@ -184,6 +189,8 @@ class PackedMixtureDataset(IterableDataset, Stateful):
             self.cfg.packing, doc_source=sources,
         )
         batch = rows_to_batch(packed, self.cfg.reset_positions)
+        if self.encoder.marks_untrained:
+            batch["input"], batch["labels"] = split_untrained(batch["input"], batch["labels"])
         stats = row_statistics(packed, sources, len(self.specs))
         # Best-fit emits rows roughly by document length (long documents first);
         # a seeded shuffle keeps that order out of training and out of the metrics.
@@ -221,6 +228,9 @@ class PackedMixtureDataset(IterableDataset, Stateful):
                 stats[STATS_FIELDS.index("window")] = window
                 if window < len(segment_ids):
                     segment_ids = fragment_segments(segment_ids, window)
+            counts = attention_counts(segment_ids, self._batch["labels"][i])
+            at = STATS_FIELDS.index("trained_tokens")
+            stats[at : at + 3] = counts.trained_tokens, counts.pairs, counts.pairs_causal
             self._row += 1
             self._rows_out += 1
             sample = {

@@ -32,8 +32,11 @@ from ext.attention.config import masking_requested
 from ext.attention.skyladder import WindowClock, validate_skyladder
 from ext.data.config import parse_num_workers, resolve_sources, SourceSpec
 from ext.data.dataset import STATS_FIELDS, STATS_KEY, PackedMixtureDataset
+from ext.data.encoders import ChatEncoderSpec, TextEncoder
+from ext.data.holdout import training_sources
 from ext.data.sources import open_shards, split_is_by_shard
 from ext.errors import ConfigError
+from ext.seeding import seed_worker
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +50,7 @@ class LoaderStats:
         self.names: list[str] = []
         self.total: np.ndarray | None = None
         self.last_window: int | None = None  # attention window of the latest batch
+        self.window_totals: dict[str, float] | None = None  # STATS_FIELDS sums of the last take()
 
     def add(self, batch_stats: torch.Tensor) -> None:
         self.last_window = int(batch_stats[:, STATS_FIELDS.index("window")].max())
@@ -56,9 +60,11 @@ class LoaderStats:
     def take(self) -> dict[str, float]:
         """Metrics for the window since the last call, then reset."""
         if self.total is None:
+            self.window_totals = None
             return {}
         t, self.total = self.total, None
-        row_tokens, pad, docs, cut, rows, window = t[: len(STATS_FIELDS)]
+        self.window_totals = dict(zip(STATS_FIELDS, (float(v) for v in t)))
+        row_tokens, pad, docs, cut, rows, window = t[:6]
         real = max(row_tokens - pad, 1.0)
         metrics = {
             "data/pad_fraction": pad / max(row_tokens, 1.0),
@@ -148,6 +154,31 @@ def _check_sources(specs: list[SourceSpec], n_readers: int) -> None:
             )
 
 
+def _encoder(job_config: Any, tokenizer: Any) -> TextEncoder | ChatEncoderSpec:
+    """Plain text, or with ``[sft] enable`` chat samples (template checked here, in
+    the main process, so a missing template fails before training starts)."""
+    cfg, sft = job_config.data, getattr(job_config, "sft", None)
+    if sft is None or not sft.enable:
+        return TextEncoder(tokenizer.tokenizer, tokenizer.bos_id if cfg.add_bos else None,
+                           tokenizer.eos_id if cfg.add_eos else None)
+    roles = tuple(sft.train_roles)
+    unknown = set(roles) - {"system", "user", "assistant", "tool"}
+    if not roles or unknown:
+        raise ConfigError(f"[sft] train_roles = {list(roles)}: use some of system, user, assistant, tool")
+    if sft.mask_method == "generation" and (roles != ("assistant",) or sft.last_turn_only):
+        raise ConfigError("[sft] mask_method = \"generation\" trains every assistant turn only; "
+                          "use \"prefix\" (or \"auto\") for other roles or last_turn_only")
+    spec = ChatEncoderSpec(job_config.model.hf_assets_path, sft.template_file, roles, sft.last_turn_only,
+                           sft.mask_method, job_config.training.seq_len + 1, sft.overlong)
+    chat = spec.build().chat  # loads the tokenizer: errors surface now
+    if spec.mask_method == "generation" and chat.mask_method != "generation":
+        raise ConfigError("[sft] mask_method = \"generation\" but the chat template has no "
+                          "{% generation %} tags; use \"prefix\" or \"auto\"")
+    logger.info(f"[sft] chat samples, trained roles {list(roles)}, masks by {chat.mask_method!r}"
+                f"{', last turn only' if sft.last_turn_only else ''}, overlong samples: {sft.overlong}")
+    return spec
+
+
 def _window_clock(job_config: Any, dp_world_size: int) -> WindowClock | None:
     sky = getattr(job_config, "skyladder", None)
     if sky is None or not sky.enable:
@@ -167,7 +198,7 @@ def build_packed_dataloader(
     **kwargs: Any,
 ):
     """Train-spec ``build_dataloader_fn`` (keyword arguments as torchtitan passes them)."""
-    specs = resolve_sources(job_config.data)
+    specs = training_sources(job_config.data, getattr(job_config, "eval", None))  # [eval] holdouts carved out
     if not specs:
         return build_text_dataloader(dp_world_size=dp_world_size, dp_rank=dp_rank,
                                      tokenizer=tokenizer, job_config=job_config, **kwargs)
@@ -179,7 +210,7 @@ def build_packed_dataloader(
         pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
     seed = job_config.debug.seed if job_config.debug.seed is not None else 0
     dataset = PackedMixtureDataset(
-        specs, cfg, tokenizer.tokenizer, tokenizer.bos_id, tokenizer.eos_id, pad_id,
+        specs, cfg, _encoder(job_config, tokenizer), pad_id,
         job_config.training.seq_len, dp_rank, dp_world_size, seed,
         window_clock=_window_clock(job_config, dp_world_size),
     )
@@ -191,6 +222,7 @@ def build_packed_dataloader(
         "batch_size": job_config.training.local_batch_size,
         "num_workers": num_workers,
         "pin_memory": torch.cuda.is_available(),
+        "worker_init_fn": seed_worker,
     }
     if num_workers > 0:
         loader_kwargs["persistent_workers"] = True

@@ -32,6 +32,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from ext.data.config import SourceSpec
+from ext.data.encoders import Skip
+from ext.data.holdout import in_holdout
 from ext.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -45,8 +47,8 @@ class Shard(Protocol):
 
     def __len__(self) -> int: ...
 
-    def read(self, rows: np.ndarray) -> list[tuple[str | None, str]]:
-        """Texts of ``rows`` as (text or None when malformed, where/why)."""
+    def read(self, rows: np.ndarray) -> list[tuple[Any, str]]:
+        """The field value of each of ``rows`` (None when malformed) and where/why."""
         ...
 
 
@@ -75,7 +77,7 @@ class LineShard:
     def __len__(self) -> int:
         return len(self.starts)
 
-    def read(self, rows: np.ndarray) -> list[tuple[str | None, str]]:
+    def read(self, rows: np.ndarray) -> list[tuple[Any, str]]:
         if self._file is None:  # opened lazily: after the fork into a worker
             self._file = open(self.path, "rb")
         out = []
@@ -92,11 +94,11 @@ class LineShard:
             except ValueError as e:
                 out.append((None, f"{where}: not valid JSON ({e.msg})"))
                 continue
-            text = record.get(self.text_field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                out.append((None, f"{where}: no string field {self.text_field!r}"))
+            value = record.get(self.text_field) if isinstance(record, dict) else None
+            if value is None:
+                out.append((None, f"{where}: no field {self.text_field!r}"))
             else:
-                out.append((text, where))
+                out.append((value, where))
         return out
 
 
@@ -122,12 +124,12 @@ class ArrowShard:
     def __len__(self) -> int:
         return len(self.ds)
 
-    def read(self, rows: np.ndarray) -> list[tuple[str | None, str]]:
-        texts = self.ds[rows.tolist()][self.text_field]
+    def read(self, rows: np.ndarray) -> list[tuple[Any, str]]:
+        values = self.ds[rows.tolist()][self.text_field]
         return [
-            (t, f"{self.path}[{r}]") if isinstance(t, str)
-            else (None, f"{self.path}[{r}]: field {self.text_field!r} is {type(t).__name__}")
-            for t, r in zip(texts, rows)
+            (v, f"{self.path}[{r}]") if v is not None
+            else (None, f"{self.path}[{r}]: field {self.text_field!r} is empty")
+            for v, r in zip(values, rows)
         ]
 
 
@@ -165,9 +167,11 @@ def reader_records(lengths: list[int], reader: int, n_readers: int) -> tuple[np.
 class Source:
     """One source as seen by one reader: yields tokenized documents in order.
 
-    ``next_document()`` returns an int32 array (BOS + text + EOS as
-    configured) or None once the source is spent under ``on_exhaustion =
-    "drop"``. ``state()``/``restore()`` capture the exact position.
+    ``next_document()`` returns the next record's document from ``encoder``
+    (see :mod:`ext.data.encoders`) or None once the source is spent under
+    ``on_exhaustion = "drop"``. ``state()``/``restore()`` capture the exact
+    position. Malformed records follow ``bad_records``; samples the encoder
+    refuses (SFT policy) are skipped and counted in ``refused``.
     """
 
     def __init__(
@@ -177,9 +181,7 @@ class Source:
         shards: list[Shard],
         reader: int,
         n_readers: int,
-        tokenizer: Any,
-        bos_id: int | None,
-        eos_id: int | None,
+        encoder: Any,
         seed: int,
         shuffle: bool,
         bad_records: str,
@@ -187,9 +189,7 @@ class Source:
         self.spec = spec
         self.index = index
         self.shards = shards
-        self.tokenizer = tokenizer
-        self.bos = np.array([bos_id] if bos_id is not None else [], np.int32)
-        self.eos = np.array([eos_id] if eos_id is not None else [], np.int32)
+        self.encoder = encoder
         self.seed = seed
         self.reader = reader
         self.shuffle = shuffle
@@ -198,8 +198,10 @@ class Source:
         self.epoch = 0
         self.pos = 0
         self.bad_count = 0
+        self.refused: dict[str, int] = {}
         self._order = self._permutation(0)
         self._queue: deque[tuple[int, np.ndarray | None]] = deque()
+        self._produced = False  # a document came out in this epoch (unknown after restore: True)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -219,6 +221,7 @@ class Source:
             self._order = self._permutation(state["epoch"])
         self.epoch, self.pos, self.bad_count = state["epoch"], state["pos"], state["bad"]
         self._queue.clear()
+        self._produced = True
 
     def _fill(self) -> None:
         start = self.pos + len(self._queue)
@@ -226,22 +229,42 @@ class Source:
         if len(picks) == 0:
             return
         shard_ids, rows = self.shard_ids[picks], self.rows[picks]
-        results: list[tuple[str | None, str]] = [("", "")] * len(picks)
+        results: list[tuple[Any, str]] = [(None, "")] * len(picks)
         for s in np.unique(shard_ids):
             where = np.flatnonzero(shard_ids == s)
             for i, item in zip(where, self.shards[s].read(rows[where])):
                 results[i] = item
-        good = [i for i, (text, _) in enumerate(results) if text is not None]
-        encodings = self.tokenizer.encode_batch([results[i][0] for i in good], add_special_tokens=False)
-        docs: list[np.ndarray | None] = [None] * len(picks)
-        for i, enc in zip(good, encodings):
-            docs[i] = np.concatenate((self.bos, np.asarray(enc.ids, np.int32), self.eos))
+        good = [i for i, (value, _) in enumerate(results) if value is not None]
+        other_side = self._other_side_of_holdout(results, good)
+        good = [i for i in good if i not in other_side]
+        docs: list[np.ndarray | Skip] = [Skip("", bad=True)] * len(picks)
+        for i, doc in zip(good, self.encoder.encode_batch([results[i][0] for i in good])):
+            docs[i] = doc
         for k, doc in enumerate(docs):
-            if doc is None:
-                self._bad(results[k][1])
+            if k in other_side:
+                doc = None
+            elif isinstance(doc, Skip):
+                where = results[k][1]
+                self._skip(doc, f"{where}: {doc.reason}" if doc.reason else where)
+                doc = None
             self._queue.append((start + k, doc))
 
-    def _bad(self, why: str) -> None:
+    def _other_side_of_holdout(self, results: list[tuple[Any, str]], good: list[int]) -> set[int]:
+        """Records this reader skips: held out (training) or not held out (``heldout_only``)."""
+        if self.spec.holdout <= 0:
+            return set()
+        return {i for i in good if in_holdout(results[i][0], self.spec.holdout) != self.spec.heldout_only}
+
+    def _skip(self, skip: Skip, why: str) -> None:
+        if not skip.bad:
+            self.refused[skip.reason] = self.refused.get(skip.reason, 0) + 1
+            n = sum(self.refused.values())
+            if n <= _MAX_WARNINGS_PER_SOURCE or n & (n - 1) == 0:  # first few, then at powers of 2
+                logger.warning(
+                    f"[sft] source {self.spec.name!r} (reader {self.reader}): skipping sample at {why}; "
+                    f"skipped so far: {dict(self.refused)}"
+                )
+            return
         if self.bad_records == "error":
             raise DataError(f"[data] source {self.spec.name!r}: bad record at {why}; "
                             "fix the record or set [data] bad_records = \"skip\"")
@@ -254,6 +277,13 @@ class Source:
             if self.pos >= len(self.rows):
                 if self.spec.on_exhaustion == "drop" or len(self.rows) == 0:
                     return None
+                if not self._produced:  # restarting would loop forever
+                    logger.warning(
+                        f"[data] source {self.spec.name!r} (reader {self.reader}): a whole epoch gave "
+                        "no document (every record held out, malformed or refused); leaving the mixture"
+                    )
+                    return None
+                self._produced = False
                 self.epoch += 1
                 self.pos = 0
                 self._order = self._permutation(self.epoch)
@@ -267,4 +297,5 @@ class Source:
             pos, doc = self._queue.popleft()
             self.pos = pos + 1
             if doc is not None and len(doc):
+                self._produced = True
                 return doc

@@ -3,6 +3,14 @@
 Model code, optimizers, pipelining and the state-dict adapter are
 torchtitan's own; the spec adds the tiny CPU flavors, the parallelize fixes
 of :mod:`ext.parallel` and the run summary of :mod:`ext.metrics`.
+
+Weight tying (``enable_weight_tying``, which torchtitan's Llama-3 lacks) is
+added here: one Parameter for ``tok_embeddings`` and ``output``, kept in one
+FSDP unit, written once to HF checkpoints (see :mod:`ext.models.tying`).
+Real-size flavors besides torchtitan's: ``3.2-1B`` and ``3.2-3B`` (tied,
+RoPE scaling factor 32), ``3.1-8B`` (= torchtitan's ``8B``) and the
+SmolLM2 shapes ``smollm2-135M`` and ``smollm2-360M`` (tied, no RoPE
+scaling); ``tests/test_models.py`` checks them against the HF configs.
 """
 
 from __future__ import annotations
@@ -10,22 +18,44 @@ from __future__ import annotations
 from torchtitan.components.loss import build_cross_entropy_loss
 from torchtitan.components.optimizer import build_optimizers
 from torchtitan.components.tokenizer import build_hf_tokenizer
-from torchtitan.components.validate import build_validator
+from ext.eval import build_ext_validator  # held-out loss per source, verifiers envs ([eval])
 from torchtitan.distributed.pipeline_parallel import pipeline_llm
+from dataclasses import dataclass
+from typing import Any
+
 from torchtitan.models.llama3 import Transformer, TransformerModelArgs, llama3_args
 from torchtitan.models.llama3.infra.parallelize import parallelize_llama
-from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAdapter
+from torchtitan.models.llama3.model.args import RoPEScalingArgs
 from torchtitan.protocols.train_spec import TrainSpec
 
 from ext.data.loader import build_packed_dataloader
 from ext.metrics import build_summary_metrics_processor
+from ext.models.hf import Llama3HFAdapter
 from ext.models.segments import SegmentMasking, convert_args, with_segment_args
+from ext.models.tying import check_tied_layout, tie_weights, tied_nparams_and_flops, with_tied_fsdp
 from ext.parallel import with_extension_fixes
 from ext.scheduler import build_lr_schedulers
 
 LLAMA3_SPEC_NAME = "ext_llama3"
 
-SegmentLlama3Args = with_segment_args(TransformerModelArgs)
+
+
+@dataclass
+class Llama3Args(TransformerModelArgs):
+    """torchtitan's Llama-3 args plus weight tying."""
+
+    enable_weight_tying: bool = False
+    """One matrix for the token embedding and the output head (counted once)."""
+
+    def update_from_config(self, job_config: Any, **kwargs: Any) -> None:
+        super().update_from_config(job_config, **kwargs)
+        check_tied_layout(self, job_config, job_config.model.flavor)
+
+    def get_nparams_and_flops(self, model: Any, seq_len: int) -> tuple[int, int]:
+        return tied_nparams_and_flops(self, model, *super().get_nparams_and_flops(model, seq_len))
+
+
+SegmentLlama3Args = with_segment_args(Llama3Args)
 
 
 class SegmentLlama3(SegmentMasking, Transformer):
@@ -34,6 +64,13 @@ class SegmentLlama3(SegmentMasking, Transformer):
     def __init__(self, model_args: SegmentLlama3Args):
         super().__init__(model_args)
         self.install_segment_attention()
+        if model_args.enable_weight_tying:
+            tie_weights(self)
+
+    def init_weights(self, buffer_device=None):
+        if self.model_args.enable_weight_tying:
+            tie_weights(self)  # to_empty() gave each module its own copy
+        super().init_weights(buffer_device=buffer_device)
 
     def forward(self, tokens, attention_masks=None, positions=None, segment_ids=None):
         if self.model_args.mask_backend == "dense":
@@ -52,6 +89,42 @@ TINY_FLAVORS: dict[str, TransformerModelArgs] = {
         dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=2048,
         multiple_of=32, rope_theta=10000,
     ),
+    # "tiny" with the head tied to the embedding (~1.0M parameters).
+    "tiny_tied": Llama3Args(
+        dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=2048,
+        multiple_of=64, rope_theta=10000, enable_weight_tying=True,
+    ),
+}
+
+# The released shapes (HF config.json of each model; checked in tests/test_models.py).
+_LLAMA32_ROPE = RoPEScalingArgs(scaling_factor=32.0)  # Llama-3.2: factor 32, else as 3.1
+_NO_ROPE_SCALING = RoPEScalingArgs(scaling_factor=1.0)  # factor 1: plain RoPE (SmolLM2)
+REAL_FLAVORS: dict[str, Llama3Args] = {
+    "3.2-1B": Llama3Args(
+        dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=256,
+        ffn_dim_multiplier=1.5, rope_theta=500000, rope_scaling_args=_LLAMA32_ROPE,
+        enable_weight_tying=True,
+    ),
+    "3.2-3B": Llama3Args(
+        dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, vocab_size=128256, multiple_of=256,
+        ffn_dim_multiplier=1.0, rope_theta=500000, rope_scaling_args=_LLAMA32_ROPE,
+        enable_weight_tying=True,
+    ),
+    "3.1-8B": Llama3Args(
+        dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
+        ffn_dim_multiplier=1.3, rope_theta=500000,
+    ),
+    # SmolLM2 is the Llama architecture: ~135M and ~360M, tied, 8k context.
+    "smollm2-135M": Llama3Args(
+        dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, multiple_of=256,
+        rope_theta=100000, rope_scaling_args=_NO_ROPE_SCALING, max_seq_len=8192,
+        enable_weight_tying=True,
+    ),
+    "smollm2-360M": Llama3Args(
+        dim=960, n_layers=32, n_heads=15, n_kv_heads=5, vocab_size=49152, multiple_of=256,
+        rope_theta=100000, rope_scaling_args=_NO_ROPE_SCALING, max_seq_len=8192,
+        enable_weight_tying=True,
+    ),
 }
 
 
@@ -59,7 +132,7 @@ def llama3_flavors() -> dict[str, TransformerModelArgs]:
     """torchtitan's llama3 flavors (debugmodel, 8B, 70B, 405B, ...) plus ours."""
     return {
         name: convert_args(args, SegmentLlama3Args)
-        for name, args in {**llama3_args, **TINY_FLAVORS}.items()
+        for name, args in {**llama3_args, **REAL_FLAVORS, **TINY_FLAVORS}.items()
     }
 
 
@@ -67,14 +140,14 @@ def llama3_train_spec() -> TrainSpec:
     return TrainSpec(
         model_cls=SegmentLlama3,
         model_args=llama3_flavors(),
-        parallelize_fn=with_extension_fixes(parallelize_llama),
+        parallelize_fn=with_extension_fixes(with_tied_fsdp(parallelize_llama)),
         pipelining_fn=pipeline_llm,
         build_optimizers_fn=build_optimizers,
         build_lr_schedulers_fn=build_lr_schedulers,
         build_dataloader_fn=build_packed_dataloader,
         build_tokenizer_fn=build_hf_tokenizer,
         build_loss_fn=build_cross_entropy_loss,
-        build_validator_fn=build_validator,
+        build_validator_fn=build_ext_validator,
         build_metrics_processor_fn=build_summary_metrics_processor,
-        state_dict_adapter=Llama3StateDictAdapter,
+        state_dict_adapter=Llama3HFAdapter,
     )

@@ -1,0 +1,344 @@
+"""Kill-safe checkpointing: torchtitan's CheckpointManager with the gaps closed.
+
+torchtitan 0.2.2 already saves through ``dcp.async_save`` (``[checkpoint]
+async_mode = "async"``) and waits for the previous save before it starts a
+new one, so at most one save is in flight. DCP writes a step folder's data
+files first and its ``.metadata`` last (to a temporary name, then renamed),
+and torchtitan only resumes from folders that have ``.metadata``. What it
+leaves open, and :class:`SafeCheckpointManager` closes:
+
+- **Failures surface late or never.** A failed background save raised only
+  when the *next* save waited for it (an interval later), and a save still in
+  flight when training ended early (data exhausted, an exception) was never
+  waited for: the process group was destroyed under it and the error lost.
+  Here a finished save is checked at every step (a failure ends the run with
+  ``checkpoint ... failed: <cause>``), and :meth:`close` waits for the save in
+  flight before exit.
+- **Purging counts interrupted saves.** ``keep_latest_k`` counted every
+  ``step-N`` folder, so folders left by killed saves could push the last
+  complete checkpoint out; two kills in a row could leave none. Here only
+  committed folders and the one save in flight count; interrupted leftovers
+  are deleted. torchtitan also never purged after the final save.
+- **Resuming could pick a checkpoint it cannot load.** The final save is
+  model-only by default (``last_save_model_only``) or in HF format
+  (``last_save_in_hf``); torchtitan picked it as the newest step and then
+  failed to load optimizer and loader state from it. Here resume takes the
+  newest *full* checkpoint (a model-only one only at step 0, the seed) and
+  logs every newer folder it skipped and why.
+- **Re-saving a step overwrote a committed folder in place.** When a step is
+  saved again (a run resumed from an earlier step), the old ``.metadata``
+  stayed valid while the new data files were written over the old ones, so a
+  kill then left a folder that looks complete but mixes two saves. Here rank
+  0 deletes the old commit marker before the save starts.
+- ``last_save_in_hf`` (torch's ``HuggingFaceStorageWriter`` with
+  consolidation) wrote only the safetensors and their index, plus the
+  ``sharded/`` copy. Here rank 0 then adds ``config.json``,
+  ``generation_config.json`` and the tokenizer files and removes ``sharded/``,
+  so ``transformers`` loads the folder directly.
+
+:func:`install_checkpoint_manager` (called when ``ext.job_config`` is
+imported) makes torchtitan's Trainer build this class: the ``run_train.sh``
+path and the plugin path with a stock ``torchtitan.train`` both get it, and
+so does any Trainer subclass that calls ``Trainer.__init__``.
+
+Test hook: with the environment variable ``EXT_CHECKPOINT_HOLD_COMMIT=N``
+the save of step N writes all its data and then blocks before its
+``.metadata`` (until the process is killed), so a test can kill a run in the
+middle of a save at a known point. Never set it in real runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from typing import Any
+
+import torch.distributed as dist
+from torchtitan.components.checkpoint import AsyncMode, CheckpointManager
+from torchtitan.tools.logging import logger
+
+from ext.errors import ConfigError
+
+DCP_COMMIT = ".metadata"
+HF_COMMIT = "model.safetensors.index.json"
+HOLD_ENV = "EXT_CHECKPOINT_HOLD_COMMIT"
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint save failed; the message names the folder and the cause."""
+
+
+def step_folders(folder: str) -> dict[int, str]:
+    """``{step: path}`` of the ``step-N`` folders directly under ``folder``."""
+    if not os.path.isdir(folder):
+        return {}
+    found = {}
+    for name in os.listdir(folder):
+        match = _STEP_DIR.fullmatch(name)
+        if match and os.path.isdir(os.path.join(folder, name)):
+            found[int(match.group(1))] = os.path.join(folder, name)
+    return found
+
+
+def is_committed(path: str) -> bool:
+    """True when the save of ``path`` finished (its last-written file exists)."""
+    return os.path.isfile(os.path.join(path, DCP_COMMIT)) or os.path.isfile(
+        os.path.join(path, HF_COMMIT)
+    )
+
+
+def checkpoint_kind(path: str) -> str:
+    """What a step folder holds.
+
+    ``"full"``: a DCP checkpoint with the training state (resumable);
+    ``"model"``: DCP model weights only; ``"hf"``: Hugging Face safetensors;
+    ``"incomplete"``: no commit marker, or unreadable DCP metadata (a save
+    that was interrupted).
+    """
+    if os.path.isfile(os.path.join(path, DCP_COMMIT)):
+        from torch.distributed.checkpoint import FileSystemReader
+
+        try:
+            keys = FileSystemReader(path).read_metadata().state_dict_metadata
+        except Exception:  # a truncated or foreign .metadata
+            return "incomplete"
+        return "full" if any(k.startswith("train_state.") for k in keys) else "model"
+    if os.path.isfile(os.path.join(path, HF_COMMIT)):
+        return "hf"
+    return "incomplete"
+
+
+_SKIP_REASON = {
+    "incomplete": "incomplete (no .metadata: its save was interrupted)",
+    "model": "model weights only (checkpoint.last_save_model_only), no training state",
+    "hf": "Hugging Face safetensors (checkpoint.last_save_in_hf), no training state",
+}
+
+
+def newest_resumable(folder: str) -> tuple[int, list[tuple[int, str]]]:
+    """The newest step to resume from in ``folder`` (-1 if none), and the newer
+    folders passed over as ``(step, kind)``. A full checkpoint qualifies, and a
+    model-only one at step 0 (torchtitan's seed checkpoint)."""
+    skipped = []
+    for step, path in sorted(step_folders(folder).items(), reverse=True):
+        kind = checkpoint_kind(path)
+        if kind == "full" or (kind == "model" and step == 0):
+            return step, skipped
+        skipped.append((step, kind))
+    return -1, skipped
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class SafeCheckpointManager(CheckpointManager):
+    """torchtitan's CheckpointManager with prompt failures, a final wait, safe
+    purging and resume, and loadable ``last_save_in_hf`` folders (module doc).
+
+    Adds no constructor state, so an existing manager can also be upgraded in
+    place with :func:`upgrade`.
+    """
+
+    _inflight: str | None = None  # folder of the save in flight (async modes)
+
+    # ------------------------------------------------------------------ saving
+
+    def save(self, curr_step: int, last_step: bool = False) -> None:
+        self._check_finished_save()
+        saving = self._should_save(curr_step, last_step)
+        super().save(curr_step, last_step)
+        if saving and last_step:  # torchtitan returns before purging here
+            if self.last_save_in_hf:
+                self._complete_hf_folder(self._create_checkpoint_id(curr_step))
+            self._purge_stale_checkpoints()
+
+    def dcp_save(
+        self,
+        state_dict: dict[str, Any],
+        checkpoint_id: str,
+        async_mode: AsyncMode,
+        enable_garbage_collection: bool = False,
+        to_hf: bool = False,
+    ):
+        self._invalidate(checkpoint_id)
+        result = super().dcp_save(
+            state_dict, checkpoint_id, async_mode, enable_garbage_collection, to_hf
+        )
+        if async_mode == AsyncMode.DISABLED:
+            logger.info(f"Checkpoint {checkpoint_id} committed.")
+        else:
+            self._inflight = checkpoint_id
+        return result
+
+    def _invalidate(self, checkpoint_id: str) -> None:
+        """Delete a committed folder's markers before saving into it again.
+
+        Only rank 0 deletes; other ranks write no data before the save's
+        planning collective, which rank 0 joins after this.
+        """
+        if _rank() != 0:
+            return
+        for name in (DCP_COMMIT, HF_COMMIT):
+            marker = os.path.join(checkpoint_id, name)
+            if os.path.isfile(marker):
+                logger.warning(
+                    f"Saving over the existing checkpoint {checkpoint_id}: removed its {name} "
+                    "first, so an interrupted save cannot pass for a complete one."
+                )
+                os.remove(marker)
+
+    def _check_finished_save(self) -> None:
+        """Report a background save that has finished (raise if it failed)."""
+        future = getattr(self, "save_future", None)
+        if future is not None and future.done():
+            self._async_wait()
+
+    def _async_wait(self) -> None:
+        future = getattr(self, "save_future", None)
+        if future is None:
+            super()._async_wait()
+            return
+        path = self._inflight or "(in flight)"
+        began = time.monotonic()
+        pending = not future.done()
+        try:
+            super()._async_wait()
+        except Exception as exc:
+            self.save_future = None
+            self._inflight = None
+            raise CheckpointSaveError(
+                f"checkpoint save to {path} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        self.save_future = None
+        self._inflight = None
+        waited = f" (waited {time.monotonic() - began:.2f}s for it)" if pending else ""
+        logger.info(f"Checkpoint {path} committed{waited}.")
+
+    def close(self) -> None:
+        try:
+            if getattr(self, "enable", False) and getattr(self, "save_future", None) is not None:
+                logger.info(f"Waiting for the checkpoint save in flight ({self._inflight}) before exit.")
+                self._async_wait()
+        finally:
+            super().close()
+
+    # ----------------------------------------------------------------- purging
+
+    def _purge_stale_checkpoints(self) -> None:
+        if self.keep_latest_k <= 0 or _rank() != 0 or not os.path.isdir(self.folder):
+            return
+        if self.enable_ft_dataloader_checkpoints and not (
+            self.ft_manager and self.ft_manager.participating_rank() == 0
+        ):
+            return
+        folders = step_folders(self.folder)
+        live = {step for step, path in folders.items() if is_committed(path)}
+        if self._inflight and getattr(self, "save_future", None) is not None:
+            match = _STEP_DIR.fullmatch(os.path.basename(os.path.normpath(self._inflight)))
+            if match:  # its folder may not exist yet: the writer thread creates it
+                live.add(int(match.group(1)))
+        keep = set(sorted(live)[-self.keep_latest_k:])
+        for step, path in sorted(folders.items()):
+            if step not in keep:
+                self.purge_queue.put(path)
+
+    # ----------------------------------------------------------------- loading
+
+    def _find_load_step(self, folder: str = "") -> int:
+        if folder and os.path.abspath(folder) != os.path.abspath(self.folder):
+            return super()._find_load_step(folder)  # TorchFT's per-replica loader folders
+        step, skipped = newest_resumable(self.folder)
+        for newer, kind in skipped:
+            use = f"resuming from step-{step}" if step >= 0 else "no checkpoint to resume from"
+            logger.warning(f"Checkpoint step-{newer} skipped: {_SKIP_REASON[kind]}; {use}.")
+        if step < 0 and any(kind in ("model", "hf") for _, kind in skipped):
+            newest = max(s for s, kind in skipped if kind in ("model", "hf"))
+            raise ConfigError(
+                f"checkpoint.folder {self.folder} holds no resumable checkpoint, only weights "
+                f"(step-{newest}); to start a new run from them, use another job.dump_folder "
+                f"with --checkpoint.initial_load_path {os.path.join(self.folder, f'step-{newest}')} "
+                "--checkpoint.initial_load_model_only"
+                + (" --checkpoint.initial_load_in_hf" if dict(skipped)[newest] == "hf" else "")
+            )
+        return step
+
+    # ------------------------------------------------------------ HF last save
+
+    def _complete_hf_folder(self, path: str) -> None:
+        """Make a ``last_save_in_hf`` folder loadable by transformers (rank 0)."""
+        if _rank() != 0:
+            return
+        from ext.export import write_hf_metadata
+
+        adapter = self.sd_adapter
+        model_args = getattr(adapter, "model_args", None)
+        if model_args is None:
+            logger.warning(
+                f"{path}: the state-dict adapter exposes no model_args, so no config.json was "
+                "written; convert a DCP checkpoint with `python -m ext.cli dcp-to-hf` instead."
+            )
+            return
+        shutil.rmtree(os.path.join(path, "sharded"), ignore_errors=True)
+        write_hf_metadata(
+            path,
+            model_args,
+            dtype=self.export_dtype,
+            tokenizer_dir=getattr(adapter, "hf_assets_path", None),
+        )
+        logger.info(f"{path}: Hugging Face folder (config, generation config, tokenizer) complete.")
+
+
+def upgrade(checkpointer: CheckpointManager) -> CheckpointManager:
+    """Turn an existing torchtitan CheckpointManager into a SafeCheckpointManager."""
+    if type(checkpointer) is CheckpointManager:
+        checkpointer.__class__ = SafeCheckpointManager
+    return checkpointer
+
+
+def _install_commit_hold() -> None:
+    """The ``EXT_CHECKPOINT_HOLD_COMMIT`` test hook (module doc)."""
+    step = os.environ.get(HOLD_ENV)
+    if not step:
+        return
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    original = FileSystemWriter.finish
+    if getattr(original, "_ext_hold", False):
+        return
+
+    def finish(self, metadata, results):
+        if os.path.basename(os.path.normpath(str(self.path))) == f"step-{step}":
+            logger.warning(f"{HOLD_ENV}={step}: data of {self.path} written; holding before .metadata")
+            while True:
+                time.sleep(3600)
+        return original(self, metadata, results)
+
+    finish._ext_hold = True  # type: ignore[attr-defined]
+    FileSystemWriter.finish = finish
+
+
+def install_checkpoint_manager() -> bool:
+    """Make torchtitan's Trainer build :class:`SafeCheckpointManager`.
+
+    Rebinds the ``CheckpointManager`` name that ``torchtitan.train`` looks up
+    when a Trainer is constructed. Leaves a fork's own replacement class in
+    place (returns False, with a warning). Idempotent.
+    """
+    import torchtitan.train as tt_train
+
+    _install_commit_hold()
+    current = tt_train.CheckpointManager
+    if isinstance(current, type) and issubclass(current, SafeCheckpointManager):
+        return True
+    if current is not CheckpointManager:
+        logger.warning(
+            f"torchtitan.train.CheckpointManager is {current.__module__}.{current.__name__}, "
+            "not torchtitan's; leaving it (ext.checkpoint's save/resume safeguards are off)."
+        )
+        return False
+    tt_train.CheckpointManager = SafeCheckpointManager
+    return True

@@ -1,0 +1,481 @@
+"""DCP checkpoint -> Hugging Face folder: ``python -m ext.cli dcp-to-hf``.
+
+::
+
+    python -m ext.cli dcp-to-hf --checkpoint outputs/x/checkpoint/step-1000 --out hf/x \\
+        --job.config_file train_configs/x.toml [--max-shard-size 5GB] [--dtype bfloat16] [--overwrite]
+
+writes ``model-0000i-of-0000n.safetensors`` shards (at most ``--max-shard-size``
+each, except a single tensor larger than that), ``model.safetensors.index.json``,
+``config.json``, ``generation_config.json`` and the tokenizer files, so that
+``transformers.AutoModelForCausalLM.from_pretrained(out)`` loads the model.
+
+How:
+
+- The model comes from the training config (``[model] name``/``flavor``; the
+  trainer's ``update_from_config`` is applied, so ``max_position_embeddings``
+  is ``training.seq_len``). Without any config option it is identified from
+  the checkpoint: the registered flavor whose parameters have the
+  checkpoint's names and shapes (a tied and an untied flavor with the same
+  shapes are told apart by comparing the two tensors).
+- Weights are read with DCP on the CPU without a process group, so a
+  checkpoint written by any number of ranks (FSDP shards, any layout) loads
+  as full tensors. Only the model's keys are read (not the optimizer), one
+  transformer block at a time, so memory stays about one block plus one
+  output shard.
+- Names and layouts are converted by the train spec's ``state_dict_adapter``
+  (``to_hf``), called per block, so any adapter whose keys are per block
+  works (torchtitan's Llama-3 with its wq/wk RoPE permutation, Qwen3 with
+  MoE experts split into one tensor each). With tied embeddings the head is
+  written once (``model.embed_tokens.weight``; ``tie_word_embeddings`` is true).
+- ``config.json`` comes from :func:`ext.models.hf.hf_config_for`; token ids and
+  the tokenizer files from ``[model] hf_assets_path`` (or ``--tokenizer``).
+  ``generation_config.json`` stops on EOS and on the chat template's
+  end-of-turn token (``<|im_end|>``, ``<|eot_id|>``) when it has one.
+- The output is written to a temporary folder next to ``--out`` and renamed
+  at the end: an interrupted export leaves no half-written folder. A
+  non-empty ``--out`` is refused unless ``--overwrite``.
+- A progress bar (tqdm, on stderr) is shown for checkpoints of 256 MiB or more.
+
+``--dtype`` defaults to float32 (lossless for fp32 training weights);
+``bfloat16`` halves the size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import warnings
+from typing import Any
+
+from ext.errors import ConfigError
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
+    "chat_template.json",
+)
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+DTYPES = ("float32", "bfloat16")
+PROGRESS_MIN_BYTES = 256 * 2**20
+_LAYER = re.compile(r"layers\.(\d+)\.")
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in ``"5GB"`` (10^9), ``"500MiB"`` (2^20), ``"123"`` (bytes); as transformers reads them."""
+    match = _SIZE.fullmatch(text)
+    if not match or float(match.group(1)) <= 0:
+        raise ConfigError(f"--max-shard-size {text!r} is not a size; write e.g. 5GB, 500MB or 2GiB")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "b").lower()])
+
+
+# ------------------------------------------------------------------ metadata
+
+
+def _token_ids(tokenizer_dir: str | None) -> dict[str, Any]:
+    """BOS/EOS/PAD ids of a tokenizer folder and the ids generation stops at."""
+    if not tokenizer_dir or not any(
+        os.path.isfile(os.path.join(tokenizer_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json")
+    ):
+        return {}
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+           "pad_token_id": tok.pad_token_id}
+    template = tok.chat_template if isinstance(tok.chat_template, str) else ""
+    stops = [ids["eos_token_id"]] if ids["eos_token_id"] is not None else []
+    for token in END_OF_TURN_TOKENS:
+        token_id = tok.convert_tokens_to_ids(token)
+        if token in template and isinstance(token_id, int) and token_id != tok.unk_token_id \
+                and token_id not in stops:
+            stops.append(token_id)
+    ids["stop_ids"] = stops
+    return ids
+
+
+def write_hf_metadata(
+    out: str,
+    model_args: Any,
+    *,
+    dtype: Any,
+    tokenizer_dir: str | None,
+    model_name: str | None = None,
+) -> list[str]:
+    """Write ``config.json``, ``generation_config.json`` and the tokenizer files
+    into ``out`` (which holds the safetensors). ``model_name`` is the train spec
+    (None: ours for the class of ``model_args``). Returns the tokenizer files copied."""
+    from transformers import GenerationConfig
+
+    from ext.models.hf import hf_config_for
+
+    if model_name is None:
+        model_name = _model_name_for_args(model_args)
+    dtype_name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+    ids = _token_ids(tokenizer_dir)
+    config = hf_config_for(
+        model_name, model_args, dtype=dtype_name,
+        bos_token_id=ids.get("bos_token_id"), eos_token_id=ids.get("eos_token_id"),
+        pad_token_id=ids.get("pad_token_id"),
+    )
+    config.save_pretrained(out)
+    stops = ids.get("stop_ids") or []
+    generation = GenerationConfig(
+        bos_token_id=ids.get("bos_token_id"),
+        eos_token_id=stops[0] if len(stops) == 1 else (stops or None),
+        pad_token_id=ids.get("pad_token_id"),
+    )
+    generation.save_pretrained(out)
+    copied = []
+    for name in TOKENIZER_FILES:
+        src = os.path.join(tokenizer_dir or "", name)
+        if tokenizer_dir and os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(out, name))
+            copied.append(name)
+    return copied
+
+
+def _model_name_for_args(model_args: Any) -> str:
+    from torchtitan.models.llama3 import TransformerModelArgs
+    from torchtitan.models.qwen3.model.args import Qwen3ModelArgs
+
+    if isinstance(model_args, Qwen3ModelArgs):
+        return "ext_qwen3"
+    if isinstance(model_args, TransformerModelArgs):
+        return "ext_llama3"
+    raise ConfigError(f"no Hugging Face mapping for model args {type(model_args).__name__}")
+
+
+# ------------------------------------------------------------------ checkpoint
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A committed DCP step folder: ``path`` itself, or the newest one under it."""
+    from ext.checkpoint import DCP_COMMIT, HF_COMMIT, checkpoint_kind, step_folders
+
+    if not os.path.isdir(path):
+        raise ConfigError(f"--checkpoint {path} is not a folder; give a step-N checkpoint folder")
+    if os.path.isfile(os.path.join(path, DCP_COMMIT)):
+        return path
+    if os.path.isfile(os.path.join(path, HF_COMMIT)):
+        raise ConfigError(f"--checkpoint {path} is already in Hugging Face format (model.safetensors.index.json)")
+    steps = step_folders(path)
+    for step in sorted(steps, reverse=True):
+        if checkpoint_kind(steps[step]) in ("full", "model"):
+            return steps[step]
+    if steps:
+        raise ConfigError(f"--checkpoint {path}: no step folder under it holds a complete DCP checkpoint")
+    raise ConfigError(
+        f"--checkpoint {path} has no {DCP_COMMIT} (not a complete DCP checkpoint: an interrupted save?)"
+    )
+
+
+def _meta_model(spec: Any, model_args: Any) -> Any:
+    import torch
+
+    with torch.device("meta"):
+        return spec.model_cls(model_args)
+
+
+def _param_shapes(model: Any) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def _tensor_meta(checkpoint: str) -> dict[str, Any]:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    md = FileSystemReader(checkpoint).read_metadata().state_dict_metadata
+    return {k: v for k, v in md.items() if isinstance(v, TensorStorageMetadata)}
+
+
+def _load(checkpoint: str, meta: dict[str, Any], keys: list[str]) -> dict[str, Any]:
+    """Full CPU tensors for ``keys`` (any saved sharding), read without a process group."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    state = {k: torch.empty(tuple(meta[k].size), dtype=meta[k].properties.dtype) for k in keys}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, storage_reader=FileSystemReader(checkpoint), no_dist=True)
+    return state
+
+
+def identify_model(checkpoint: str, meta: dict[str, Any]) -> tuple[str, str, Any]:
+    """``(spec name, flavor, model args)`` of the one registered flavor matching
+    the checkpoint's parameter names and shapes; ConfigError when none or several."""
+    import copy
+
+    import torch
+    from torchtitan.protocols.train_spec import _extra_train_specs
+
+    from ext.models.hf import hf_config_for
+
+    shapes = {k: tuple(v.size) for k, v in meta.items()}
+    embed = shapes.get("tok_embeddings.weight")
+    n_layers = len({m.group(1) for k in shapes if (m := _LAYER.match(k))})
+    found = []
+    for name, spec in _extra_train_specs.items():
+        for flavor, args in spec.model_args.items():
+            if embed and (getattr(args, "vocab_size", None), getattr(args, "dim", None)) != embed:
+                continue
+            if getattr(args, "n_layers", n_layers) != n_layers:
+                continue
+            params = _param_shapes(_meta_model(spec, args))
+            if all(shapes.get(k) == s for k, s in params.items() if not k.endswith("expert_bias")):
+                found.append((name, flavor, copy.deepcopy(args)))
+    by_config: dict[str, tuple[str, str, Any]] = {}
+    for name, flavor, args in found:
+        try:
+            key = hf_config_for(name, args).to_json_string()
+        except ConfigError:
+            continue
+        by_config.setdefault(key, (name, flavor, args))
+    candidates = list(by_config.values())
+    if len(candidates) > 1 and {"tok_embeddings.weight", "output.weight"} <= shapes.keys():
+        tensors = _load(checkpoint, meta, ["tok_embeddings.weight", "output.weight"])
+        tied = torch.equal(tensors["tok_embeddings.weight"], tensors["output.weight"])
+        candidates = [c for c in candidates if bool(getattr(c[2], "enable_weight_tying", False)) == tied]
+    if len(candidates) == 1:
+        return candidates[0]
+    names = ", ".join(f"{n} {f}" for n, f, _ in candidates) or "none"
+    raise ConfigError(
+        f"cannot tell the model of {checkpoint} from its tensors (matching flavors: {names}); "
+        "pass the training config: --job.config_file TOML"
+    )
+
+
+def _groups(keys: list[str]) -> list[list[str]]:
+    """Model keys in conversion units: what precedes the blocks, each block, the rest."""
+    head, blocks, tail = [], {}, []
+    for key in keys:
+        match = _LAYER.match(key)
+        if match:
+            blocks.setdefault(int(match.group(1)), []).append(key)
+        elif not blocks:
+            head.append(key)
+        else:
+            tail.append(key)
+    return [g for g in [head, *(blocks[i] for i in sorted(blocks)), tail] if g]
+
+
+class _ShardWriter:
+    """Safetensors shards of at most ``max_bytes`` (a larger tensor gets its own)."""
+
+    def __init__(self, folder: str, max_bytes: int):
+        self.folder, self.max_bytes = folder, max_bytes
+        self.current: dict[str, Any] = {}
+        self.current_bytes = 0
+        self.parts: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: Any) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.current and self.current_bytes + nbytes > self.max_bytes:
+            self._flush()
+        self.current[name] = tensor
+        self.current_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.current:
+            return
+        save_file(self.current, self._part(len(self.parts)), metadata={"format": "pt"})
+        self.parts.append(list(self.current))
+        self.current, self.current_bytes = {}, 0
+
+    def _part(self, i: int) -> str:
+        return os.path.join(self.folder, f"part-{i}.safetensors.tmp")
+
+    def finish(self) -> int:
+        """Name the shards ``model-0000i-of-0000n.safetensors``, write the index; return n."""
+        self._flush()
+        n = len(self.parts)
+        weight_map = {}
+        for i, names in enumerate(self.parts):
+            file = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self._part(i), os.path.join(self.folder, file))
+            weight_map.update(dict.fromkeys(names, file))
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        with open(os.path.join(self.folder, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+        return n
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out {out} is a file; give a folder")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise ConfigError(f"--out {out} is not empty; pass --overwrite to replace it")
+
+
+def _publish(tmp: str, out: str) -> None:
+    """Move the finished ``tmp`` folder to ``out``, replacing what is there."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
+    for name in os.listdir(tmp):
+        os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
+    if os.path.isdir(out) and not os.listdir(out):
+        os.rmdir(out)
+    if not os.path.exists(out):
+        os.rename(tmp, out)
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
+    os.rmdir(old)
+    os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def dcp_to_hf(
+    checkpoint: str,
+    out: str,
+    *,
+    model_name: str,
+    model_args: Any,
+    tokenizer_dir: str | None,
+    dtype: str = "float32",
+    max_shard_size: int = 5 * 10**9,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Convert one DCP checkpoint folder to a Hugging Face folder ``out`` (module doc).
+
+    ``dtype`` applies to floating-point tensors. ``progress``: None shows a bar
+    for checkpoints of :data:`PROGRESS_MIN_BYTES` or more. Returns a summary
+    (tensors, bytes, shards, tokenizer files). Raises ConfigError for a
+    checkpoint that does not match the model, or an ``out`` it may not replace.
+    """
+    import torch
+    from torchtitan.protocols.train_spec import get_train_spec
+    from tqdm import tqdm
+
+    from ext.models.tying import is_tied
+
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    out = os.path.abspath(out)
+    _check_out(out, overwrite)
+    spec = get_train_spec(model_name)
+    if spec.state_dict_adapter is None:
+        raise ConfigError(f"[model] name = {model_name!r} has no state_dict_adapter; it cannot be exported")
+    meta = _tensor_meta(checkpoint)
+    model = _meta_model(spec, model_args)
+    wanted = _param_shapes(model)
+    params = {k for k, _ in model.named_parameters(remove_duplicate=False)}
+    keys = []
+    for key, shape in wanted.items():
+        if key not in meta:
+            if key in params:
+                raise ConfigError(
+                    f"{checkpoint} has no {key!r}: it is not a checkpoint of the configured "
+                    f"[model] {model_name}; pass the config it was trained with"
+                )
+            continue  # a buffer the checkpoint does not keep
+        if tuple(meta[key].size) != shape:
+            raise ConfigError(
+                f"{checkpoint}: {key} has shape {tuple(meta[key].size)} but the configured "
+                f"[model] {model_name} expects {shape}; pass the config it was trained with"
+            )
+        keys.append(key)
+    adapter = spec.state_dict_adapter(model_args, None)
+    tied = is_tied(model_args)
+    torch_dtype = getattr(torch, dtype)
+    total = sum(meta[k].size.numel() * meta[k].properties.dtype.itemsize for k in keys)
+
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
+    try:
+        writer = _ShardWriter(tmp, max_shard_size)
+        show = progress if progress is not None else total >= PROGRESS_MIN_BYTES
+        with tqdm(total=total, unit="B", unit_scale=True, desc="dcp-to-hf", disable=not show,
+                  file=sys.stderr, mininterval=1.0) as bar:
+            for group in _groups(keys):
+                hf_state = adapter.to_hf(_load(checkpoint, meta, group))
+                if tied:
+                    hf_state.pop("lm_head.weight", None)
+                for name, tensor in hf_state.items():
+                    if tensor.is_floating_point():
+                        tensor = tensor.to(torch_dtype)
+                    writer.add(name, tensor.contiguous().clone())
+                bar.update(sum(meta[k].size.numel() * meta[k].properties.dtype.itemsize for k in group))
+        n_tensors = sum(len(p) for p in writer.parts) + len(writer.current)
+        shards = writer.finish()
+        copied = write_hf_metadata(tmp, model_args, dtype=dtype, tokenizer_dir=tokenizer_dir,
+                                   model_name=model_name)
+        _check_out(out, overwrite)  # still allowed after the conversion
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"tensors": n_tensors, "bytes": writer.total_bytes, "shards": shards,
+            "tokenizer_files": copied, "out": out}
+
+
+# ------------------------------------------------------------------------ CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``python -m ext.cli dcp-to-hf`` (config options are extra)."""
+    parser.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="a step-N DCP folder, or a checkpoint folder (its newest complete step)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="Hugging Face folder to write")
+    parser.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                        help="largest safetensors file, e.g. 5GB (10^9 bytes) or 2GiB (default 5GB)")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES,
+                        help="dtype of floating-point weights (default float32)")
+    parser.add_argument("--tokenizer", default=None, metavar="DIR",
+                        help="tokenizer files to copy (default: [model] hf_assets_path of the config)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+
+def run(args: argparse.Namespace, job_config: Any | None) -> int:
+    """Run the command; ``job_config`` is the training config, or None when no
+    config option was given (the model is then identified from the checkpoint)."""
+    import copy
+
+    import ext.job_config  # noqa: F401  (registers our train specs)
+    from torchtitan.protocols.train_spec import get_train_spec
+
+    max_shard_size = parse_size(args.max_shard_size)
+    _check_out(os.path.abspath(args.out), args.overwrite)
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    tokenizer_dir = args.tokenizer
+    if job_config is None:
+        name, flavor, model_args = identify_model(checkpoint, _tensor_meta(checkpoint))
+        how = "identified from its tensors"
+    else:
+        name, flavor = job_config.model.name, job_config.model.flavor
+        spec = get_train_spec(name)
+        if flavor not in spec.model_args:
+            raise ConfigError(f"[model] flavor {flavor!r} is not one of {name}'s: {sorted(spec.model_args)}")
+        model_args = copy.deepcopy(spec.model_args[flavor])
+        model_args.update_from_config(job_config)
+        if tokenizer_dir is None:
+            tokenizer_dir = job_config.model.hf_assets_path
+        how = "from the config"
+    print(f"dcp-to-hf: {checkpoint} ({name} {flavor}, {how}) -> {args.out}", flush=True)
+    summary = dcp_to_hf(
+        checkpoint, args.out, model_name=name, model_args=model_args, tokenizer_dir=tokenizer_dir,
+        dtype=args.dtype, max_shard_size=max_shard_size, overwrite=args.overwrite,
+    )
+    tokenizer = (f"tokenizer: {', '.join(summary['tokenizer_files'])}" if summary["tokenizer_files"]
+                 else "no tokenizer files (pass --tokenizer DIR or a config with [model] hf_assets_path)")
+    print(
+        f"wrote {summary['tensors']} tensors, {summary['bytes'] / 1e6:,.1f} MB {args.dtype} in "
+        f"{summary['shards']} shard(s) + model.safetensors.index.json, config.json, "
+        f"generation_config.json; {tokenizer}: {summary['out']}"
+    )
+    return 0

@@ -1,0 +1,213 @@
+"""Hugging Face interop for our train specs: configs, state-dict adapters, loading.
+
+For code that moves weights in or out of the Hub format (the export CLI,
+tests, notebooks):
+
+- :func:`hf_config_for` gives the ``transformers`` config of a flavor
+  (``LlamaConfig``, ``Qwen3Config`` or ``Qwen3MoeConfig``), so that
+  ``AutoModelForCausalLM.from_config`` builds the same network;
+- :func:`state_dict_adapter_for` gives the train spec's
+  ``StateDictAdapter`` class (``adapter_cls(model_args, hf_assets_path)``;
+  ``to_hf(state_dict)`` / ``from_hf(hf_state_dict)``), the one torchtitan
+  uses for ``[checkpoint] initial_load_in_hf`` and ``last_save_in_hf``;
+- :func:`load_hf_weights` loads a folder of ``*.safetensors`` in HF names
+  into one of our models.
+
+Adapters: Llama-3 is torchtitan's ``Llama3StateDictAdapter`` (which permutes
+wq/wk between torchtitan's interleaved RoPE and HF's rotate-half layout)
+extended by :class:`Llama3HFAdapter` for tying; Qwen3 is torchtitan's
+``Qwen3StateDictAdapter`` unchanged (it already handles tying, and splits or
+stacks the MoE experts: HF keeps one tensor per expert,
+``model.layers.L.mlp.experts.E.{gate,up,down}_proj.weight``). With tying,
+``to_hf`` leaves ``lm_head.weight`` out and ``from_hf`` fills the head from
+``model.embed_tokens.weight`` when the checkpoint has no head. MoE routing
+biases (``moe.expert_bias``) have no HF counterpart: they are not exported,
+and stay 0 when importing.
+"""
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAdapter
+
+from ext.errors import ConfigError
+from ext.models.tying import is_tied
+
+_FAMILY = {"ext_llama3": "llama", "llama3": "llama", "ext_qwen3": "qwen3", "qwen3": "qwen3"}
+LLAMA3_CONTEXT = 131072  # max_position_embeddings of Llama-3.1 and 3.2
+
+
+class Llama3HFAdapter(Llama3StateDictAdapter):
+    """torchtitan's Llama-3 adapter that writes a tied head once and reads it back."""
+
+    def to_hf(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        if is_tied(self.model_args):
+            state_dict = {k: v for k, v in state_dict.items() if k != "output.weight"}
+        return super().to_hf(state_dict)
+
+    def from_hf(self, hf_state_dict: dict[str, Any]) -> dict[str, Any]:
+        if is_tied(self.model_args) and "lm_head.weight" not in hf_state_dict:
+            hf_state_dict = {**hf_state_dict, "lm_head.weight": hf_state_dict["model.embed_tokens.weight"]}
+        return super().from_hf(hf_state_dict)
+
+
+def _family(model_name: str) -> str:
+    if model_name not in _FAMILY:
+        raise ConfigError(
+            f"[model] name = {model_name!r} has no Hugging Face mapping; use one of {sorted(_FAMILY)}"
+        )
+    return _FAMILY[model_name]
+
+
+def _llama_ffn_dim(args: Any) -> int:
+    # torchtitan derives the SwiGLU width from dim, multiple_of and
+    # ffn_dim_multiplier; ask its FeedForward rather than restating the rule.
+    from torchtitan.models.llama3.model.model import FeedForward
+
+    with torch.device("meta"):
+        ffn = FeedForward(args.dim, 4 * args.dim, args.multiple_of, args.ffn_dim_multiplier)
+    return ffn.w1.out_features
+
+
+def _llama_config(args: Any, common: dict[str, Any]) -> Any:
+    from transformers import LlamaConfig
+
+    scaling = args.rope_scaling_args
+    rope_scaling = None
+    if scaling.scaling_factor != 1.0:  # torchtitan always applies Llama-3.1 scaling; 1.0 is none
+        # HF expects the context to exceed the original one; Llama-3.1/3.2 declare 131072.
+        common = {**common, "max_position_embeddings": max(common["max_position_embeddings"], LLAMA3_CONTEXT)}
+        rope_scaling = {
+            "rope_type": "llama3",
+            "factor": float(scaling.scaling_factor),
+            "low_freq_factor": float(scaling.low_freq_factor),
+            "high_freq_factor": float(scaling.high_freq_factor),
+            "original_max_position_embeddings": int(scaling.original_max_position_embeddings),
+        }
+    return LlamaConfig(
+        **common,
+        intermediate_size=_llama_ffn_dim(args),
+        num_key_value_heads=args.n_kv_heads or args.n_heads,
+        head_dim=args.dim // args.n_heads,
+        rope_scaling=rope_scaling,
+        mlp_bias=False,
+        architectures=["LlamaForCausalLM"],
+    )
+
+
+def _qwen3_config(args: Any, common: dict[str, Any]) -> Any:
+    if not args.qk_norm:
+        raise ConfigError("Qwen3 flavors without qk_norm have no Hugging Face Qwen3 counterpart; set qk_norm = true")
+    common = {
+        **common,
+        "intermediate_size": args.hidden_dim,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_dim,
+        "use_sliding_window": False,
+    }
+    if not args.moe_enabled:
+        from transformers import Qwen3Config
+
+        return Qwen3Config(**common, architectures=["Qwen3ForCausalLM"])
+    from transformers import Qwen3MoeConfig
+
+    moe = args.moe_args
+    expected = {
+        "num_shared_experts": 0, "score_func": "softmax", "gate_bias": False,
+        "num_expert_groups": None, "route_scale": 1.0, "score_before_experts": False,
+    }
+    for key, value in expected.items():
+        if getattr(moe, key) != value:
+            raise ConfigError(
+                f"MoE flavor has moe_args.{key} = {getattr(moe, key)!r}, which Qwen3-MoE cannot express; "
+                f"set it to {value!r} to export"
+            )
+    return Qwen3MoeConfig(
+        **common,
+        moe_intermediate_size=args.moe_inter_dim,
+        num_experts=moe.num_experts,
+        num_experts_per_tok=moe.top_k,
+        norm_topk_prob=moe.route_norm,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        architectures=["Qwen3MoeForCausalLM"],
+    )
+
+
+def hf_config_for(model_name: str, model_args: Any, **overrides: Any) -> Any:
+    """The ``transformers`` config that builds the same network as ``model_args``.
+
+    ``model_name`` is the train spec (``"ext_llama3"``, ``"ext_qwen3"``, or
+    torchtitan's ``"llama3"``/``"qwen3"``). ``max_position_embeddings`` is the
+    flavor's ``max_seq_len`` (the released context for the real-size flavors;
+    a trained run's args hold ``training.seq_len``), at least 131072 with
+    Llama-3 RoPE scaling, whose HF form requires more than the original
+    8192 (it only labels the config; no weight depends on it). Token ids are not part
+    of the model args: pass ``bos_token_id=``, ``eos_token_id=`` (and e.g.
+    ``dtype="bfloat16"``) in ``overrides``, which are set last. Raises
+    ConfigError for a name or a setting HF cannot express.
+    """
+    common = dict(
+        vocab_size=model_args.vocab_size,
+        hidden_size=model_args.dim,
+        num_hidden_layers=model_args.n_layers,
+        num_attention_heads=model_args.n_heads,
+        hidden_act="silu",
+        max_position_embeddings=model_args.max_seq_len,
+        rms_norm_eps=model_args.norm_eps,
+        rope_theta=float(model_args.rope_theta),
+        tie_word_embeddings=is_tied(model_args),
+        attention_bias=False,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    if _family(model_name) == "llama":
+        config = _llama_config(model_args, common)
+    else:
+        config = _qwen3_config(model_args, common)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def state_dict_adapter_for(model_name: str) -> type:
+    """The state-dict adapter class of a registered train spec."""
+    import ext.job_config  # noqa: F401  (registers our specs)
+    from torchtitan.protocols.train_spec import get_train_spec
+
+    adapter = get_train_spec(model_name).state_dict_adapter
+    if adapter is None:
+        raise ConfigError(f"[model] name = {model_name!r} has no state-dict adapter")
+    return adapter
+
+
+def read_safetensors(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of ``folder/*.safetensors`` by name (CPU)."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {folder}")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        tensors.update(load_file(str(file)))
+    return tensors
+
+
+def load_hf_weights(model: nn.Module, model_name: str, folder: str | Path) -> None:
+    """Load HF-named safetensors from ``folder`` into ``model`` (unsharded, any device).
+
+    Every model tensor must be filled except the MoE routing biases, which HF
+    checkpoints do not have (they keep their current value, 0 after init).
+    Raises ValueError naming the first missing or unexpected key.
+    """
+    adapter = state_dict_adapter_for(model_name)(model.model_args, None)
+    state = adapter.from_hf(read_safetensors(folder))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("moe.expert_bias")]
+    if missing or unexpected:
+        raise ValueError(
+            f"{folder} does not match {model_name}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )

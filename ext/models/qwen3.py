@@ -1,0 +1,135 @@
+"""The Qwen3 family (dense and MoE) as our train spec ``ext_qwen3``.
+
+Model code, parallelisms and the state-dict adapter are torchtitan's
+(``torchtitan.models.qwen3``); the spec adds what ``ext_llama3`` has
+(segment-aware attention, the packed loader, our LR schedules, the run
+summary, the DDP/gloo fixes) plus:
+
+- weight tying that survives FSDP (:mod:`ext.models.tying`);
+- the ``[moe]`` section and fp32 grouped experts on CPU (:mod:`ext.models.moe`);
+- MoE load balancing actually running: torchtitan's own Qwen3 spec builds
+  plain optimizers, so its ``expert_bias`` never moves; we use
+  ``build_optimizers_with_moe_load_balancing``.
+
+Flavors: torchtitan's (``0.6B``, ``1.7B``, ``4B``, ``8B``, ``14B``, ``32B``,
+``30B-A3B``, ``235B-A22B``, ``debugmodel``, ``debugmodel_moe``), whose
+shapes are those of the released checkpoints (``tests/test_models.py``
+checks them against the HF configs), with ``max_seq_len`` set to the
+originals' 40960 (it only matters for HF export; training sets it to
+``training.seq_len``); plus tiny CPU flavors on the shipped 2048-token
+tokenizer.
+"""
+
+import copy
+from dataclasses import dataclass, replace
+from typing import Any
+
+from torchtitan.components.loss import build_cross_entropy_loss
+from torchtitan.components.optimizer import build_optimizers_with_moe_load_balancing
+from torchtitan.components.tokenizer import build_hf_tokenizer
+from ext.eval import build_ext_validator  # held-out loss per source, verifiers envs ([eval])
+from torchtitan.models.moe import MoEArgs
+from torchtitan.models.qwen3 import Qwen3Model, Qwen3ModelArgs, qwen3_args
+from torchtitan.models.qwen3.infra.parallelize import parallelize_qwen3
+from torchtitan.models.qwen3.model.state_dict_adapter import Qwen3StateDictAdapter
+from torchtitan.protocols.train_spec import TrainSpec
+
+from ext.data.loader import build_packed_dataloader
+from ext.metrics import build_summary_metrics_processor
+from ext.models.moe import install_routed_moe, moe_args_from_config
+from ext.models.segments import SegmentMasking, convert_args, with_segment_args
+from ext.models.tying import check_tied_layout, tied_nparams_and_flops, with_tied_fsdp
+from ext.parallel import with_extension_fixes
+from ext.scheduler import build_lr_schedulers
+
+QWEN3_SPEC_NAME = "ext_qwen3"
+
+
+@dataclass
+class Qwen3Args(Qwen3ModelArgs):
+    """torchtitan's Qwen3 args; the config also sets ``[moe]`` and checks tying."""
+
+    def update_from_config(self, job_config: Any, **kwargs: Any) -> None:
+        super().update_from_config(job_config, **kwargs)
+        check_tied_layout(self, job_config, job_config.model.flavor)
+        if self.moe_enabled:
+            self.moe_args = moe_args_from_config(self.moe_args, job_config)
+
+    def get_nparams_and_flops(self, model: Any, seq_len: int) -> tuple[int, int]:
+        return tied_nparams_and_flops(self, model, *super().get_nparams_and_flops(model, seq_len))
+
+
+SegmentQwen3Args = with_segment_args(Qwen3Args)
+
+
+class SegmentQwen3(SegmentMasking, Qwen3Model):
+    """torchtitan's Qwen3 with segment-masked attention and :class:`ext.models.moe.RoutedMoE`."""
+
+    def __init__(self, model_args: SegmentQwen3Args):
+        super().__init__(model_args)
+        install_routed_moe(self)
+        self.install_segment_attention()
+
+    def forward(self, tokens, attention_masks=None, positions=None, segment_ids=None):
+        if self.model_args.mask_backend == "dense":
+            self.set_dense_mask(segment_ids)
+        return super().forward(tokens, attention_masks=attention_masks, positions=positions)
+
+
+def _tiny_moe(top_k: int = 2, num_experts: int = 8) -> MoEArgs:
+    # Qwen3-MoE routing: softmax scores, top-k renormalized, no shared expert.
+    return MoEArgs(
+        num_experts=num_experts, num_shared_experts=0, top_k=top_k, score_func="softmax",
+        route_norm=True, route_scale=1.0, score_before_experts=False,
+    )
+
+
+_TINY = dict(
+    vocab_size=2048, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32,
+    hidden_dim=384, rope_theta=1000000, max_seq_len=4096, qk_norm=True,
+)
+
+# Tiny flavors for the shipped 2048-token tokenizer and a 2-core CPU.
+TINY_FLAVORS: dict[str, Qwen3ModelArgs] = {
+    # ~1.05M parameters, tied like the small Qwen3 models.
+    "tiny": Qwen3ModelArgs(**_TINY, enable_weight_tying=True),
+    # ~1.3M parameters, separate head.
+    "tiny_untied": Qwen3ModelArgs(**_TINY),
+    # 8 experts of width 64, 2 per token, routed as Qwen3-MoE (~1.5M parameters, ~0.9M
+    # active per token; ~1.25M when tied).
+    "tiny_moe": Qwen3ModelArgs(**_TINY, moe_enabled=True, moe_inter_dim=64, moe_args=_tiny_moe()),
+    "tiny_moe_tied": Qwen3ModelArgs(
+        **_TINY, moe_enabled=True, moe_inter_dim=64, moe_args=_tiny_moe(), enable_weight_tying=True
+    ),
+}
+
+# max_position_embeddings of the released checkpoints (torchtitan's flavors say 4096).
+_ORIGINAL_CONTEXT = {name: 40960 for name in ("0.6B", "1.7B", "4B", "8B", "14B", "32B", "30B-A3B")}
+
+
+def qwen3_flavors() -> dict[str, SegmentQwen3Args]:
+    """torchtitan's qwen3 flavors plus ours, each with its own MoEArgs copy."""
+    flavors = {}
+    for name, args in {**qwen3_args, **TINY_FLAVORS}.items():
+        args = copy.deepcopy(args)
+        if name in _ORIGINAL_CONTEXT:
+            args = replace(args, max_seq_len=_ORIGINAL_CONTEXT[name])
+        flavors[name] = convert_args(args, SegmentQwen3Args)
+    return flavors
+
+
+def qwen3_train_spec() -> TrainSpec:
+    return TrainSpec(
+        model_cls=SegmentQwen3,
+        model_args=qwen3_flavors(),
+        parallelize_fn=with_extension_fixes(with_tied_fsdp(parallelize_qwen3)),
+        pipelining_fn=None,
+        build_optimizers_fn=build_optimizers_with_moe_load_balancing,
+        build_lr_schedulers_fn=build_lr_schedulers,
+        build_dataloader_fn=build_packed_dataloader,
+        build_tokenizer_fn=build_hf_tokenizer,
+        build_loss_fn=build_cross_entropy_loss,
+        build_validator_fn=build_ext_validator,
+        build_metrics_processor_fn=build_summary_metrics_processor,
+        state_dict_adapter=Qwen3StateDictAdapter,
+    )
