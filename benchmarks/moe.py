@@ -1,9 +1,11 @@
 """MoE layer forward + backward: grouped GEMM experts vs the per-expert loop.
 
 One MoE layer as ``ext_qwen3`` builds it (torchtitan's router and MoE with
-:class:`ext.models.moe.Experts`), by default shaped like a Qwen3-30B-A3B
-layer (dim 2048, 128 experts of width 768, 8 per token, softmax routing,
-renormalized top-k), on ``--tokens`` tokens of random activations:
+:class:`ext.models.moe.Experts`): 128 experts, 8 per token, softmax
+routing with renormalized top-k, as in Qwen3-30B-A3B, on ``--tokens``
+tokens of random activations. On a GPU the layer has Qwen3-30B-A3B's
+widths (dim 2048, experts 768) and 16384 tokens; a CPU gets a quarter of
+the widths (512, 192) and 2048 tokens, so that a step takes seconds:
 
 - ``grouped_step_s``: seconds per forward + backward with ``[moe]
   implementation = "grouped"`` (``torch._grouped_mm``);
@@ -11,9 +13,8 @@ renormalized top-k), on ``--tokens`` tokens of random activations:
 - ``max_abs_diff``: largest difference of the two outputs (same weights).
 
 Both runs share the weights and the inputs; each figure is the median of
-``--steps`` timed steps after ``--warmup``. Defaults: bf16 and 16384 tokens
-on a GPU; fp32 (what CPU training runs in) and 2048 tokens on a CPU. The
-last line printed is one JSON object.
+``--steps`` timed steps after ``--warmup``, in bf16 on a GPU and fp32 (what
+CPU training runs in) on a CPU. The last line printed is one JSON object.
 
     python benchmarks/moe.py [--tokens N] [--dtype bfloat16] [--steps 5]
 """
@@ -77,8 +78,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     cuda = torch.cuda.is_available()
     parser.add_argument("--tokens", type=int, default=16384 if cuda else 2048)
-    parser.add_argument("--dim", type=int, default=2048)
-    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--dim", type=int, default=2048 if cuda else 512)
+    parser.add_argument("--hidden", type=int, default=768 if cuda else 192)
     parser.add_argument("--experts", type=int, default=128)
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16" if cuda else "float32")

@@ -43,8 +43,8 @@ so does any Trainer subclass that calls ``Trainer.__init__``.
 
 Test hook: with the environment variable ``EXT_CHECKPOINT_HOLD_COMMIT=N``
 the save of step N writes all its data and then blocks before its
-``.metadata`` (until the process is killed), so a test can kill a run in the
-middle of a save at a known point. Never set it in real runs.
+``.metadata`` (for 10 minutes, then the process exits), so a test can kill a
+run in the middle of a save at a known point. Never set it in real runs.
 """
 
 from __future__ import annotations
@@ -131,6 +131,17 @@ def newest_resumable(folder: str) -> tuple[int, list[tuple[int, str]]]:
     return -1, skipped
 
 
+def _cause(exc: BaseException) -> str:
+    """One line for a save failure: the first rank's root error for DCP's
+    CheckpointException (which carries every rank's traceback)."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, failure = min(failures.items(), key=lambda item: item[0])
+        root = failure[0] if isinstance(failure, tuple) else failure
+        return f"rank {rank}: {type(root).__name__}: {root}"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
@@ -165,9 +176,14 @@ class SafeCheckpointManager(CheckpointManager):
         to_hf: bool = False,
     ):
         self._invalidate(checkpoint_id)
-        result = super().dcp_save(
-            state_dict, checkpoint_id, async_mode, enable_garbage_collection, to_hf
-        )
+        try:
+            result = super().dcp_save(
+                state_dict, checkpoint_id, async_mode, enable_garbage_collection, to_hf
+            )
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # a synchronous save, or staging, failed
+            raise CheckpointSaveError(f"checkpoint save to {checkpoint_id} failed: {_cause(exc)}") from exc
         if async_mode == AsyncMode.DISABLED:
             logger.info(f"Checkpoint {checkpoint_id} committed.")
         else:
@@ -207,12 +223,12 @@ class SafeCheckpointManager(CheckpointManager):
         pending = not future.done()
         try:
             super()._async_wait()
-        except Exception as exc:
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # DCP's CheckpointException is a BaseException
             self.save_future = None
             self._inflight = None
-            raise CheckpointSaveError(
-                f"checkpoint save to {path} failed: {type(exc).__name__}: {exc}"
-            ) from exc
+            raise CheckpointSaveError(f"checkpoint save to {path} failed: {_cause(exc)}") from exc
         self.save_future = None
         self._inflight = None
         waited = f" (waited {time.monotonic() - began:.2f}s for it)" if pending else ""
@@ -312,9 +328,11 @@ def _install_commit_hold() -> None:
 
     def finish(self, metadata, results):
         if os.path.basename(os.path.normpath(str(self.path))) == f"step-{step}":
-            logger.warning(f"{HOLD_ENV}={step}: data of {self.path} written; holding before .metadata")
-            while True:
-                time.sleep(3600)
+            logger.warning(
+                f"{HOLD_ENV}={step}: data of {self.path} written; holding before .metadata (pid {os.getpid()})"
+            )
+            time.sleep(600)  # the test kills the run meanwhile; never outlive a forgotten one
+            os._exit(17)
         return original(self, metadata, results)
 
     finish._ext_hold = True  # type: ignore[attr-defined]

@@ -115,6 +115,13 @@ class Eval:
     verifiers_temperature: float = 0.0
     """Sampling temperature of the answers; 0 = greedy."""
 
+    verifiers_harness: str = "ext_chat_harness"
+    """
+    verifiers harness id that plays each task: "ext_chat_harness" (ours: one chat
+    exchange in-process, no subprocess, no downloads), or "" for the taskset's own
+    default (verifiers' `bash`/`null` chat programs run through `uv` in a subprocess).
+    """
+
     verifiers_freq: int = 0
     """Run the environments only at evaluations whose step is a multiple of this (and the last step); 0: at every evaluation."""
 

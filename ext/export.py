@@ -28,6 +28,9 @@ How:
   works (torchtitan's Llama-3 with its wq/wk RoPE permutation, Qwen3 with
   MoE experts split into one tensor each). With tied embeddings the head is
   written once (``model.embed_tokens.weight``; ``tie_word_embeddings`` is true).
+  MoE routing biases (``moe.expert_bias``) have no HF counterpart: they are
+  left out, with a warning when they are nonzero (the export then routes
+  without them, so top-k choices can differ for some tokens).
 - ``config.json`` comes from :func:`ext.models.hf.hf_config_for`; token ids and
   the tokenizer files from ``[model] hf_assets_path`` (or ``--tokenizer``).
   ``generation_config.json`` stops on EOS and on the chat template's
@@ -204,9 +207,16 @@ def _load(checkpoint: str, meta: dict[str, Any], keys: list[str]) -> dict[str, A
     from torch.distributed.checkpoint import FileSystemReader
 
     state = {k: torch.empty(tuple(meta[k].size), dtype=meta[k].properties.dtype) for k in keys}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, storage_reader=FileSystemReader(checkpoint), no_dist=True)
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, storage_reader=FileSystemReader(checkpoint), no_dist=True)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # DCP's CheckpointException is a BaseException
+        from ext.checkpoint import _cause
+
+        raise ConfigError(f"--checkpoint {checkpoint} could not be read ({_cause(exc)})") from None
     return state
 
 
@@ -266,6 +276,14 @@ def _groups(keys: list[str]) -> list[list[str]]:
         else:
             tail.append(key)
     return [g for g in [head, *(blocks[i] for i in sorted(blocks)), tail] if g]
+
+
+def _own_storage(tensor: Any) -> Any:
+    """``tensor``, copied if it views a larger storage (safetensors refuses
+    shared storage, e.g. the experts split from one stacked tensor)."""
+    whole = tensor.storage_offset() == 0 and \
+        tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    return tensor if whole else tensor.clone()
 
 
 class _ShardWriter:
@@ -397,19 +415,22 @@ def dcp_to_hf(
 
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
+    biased: list[str] = []
     try:
         writer = _ShardWriter(tmp, max_shard_size)
         show = progress if progress is not None else total >= PROGRESS_MIN_BYTES
         with tqdm(total=total, unit="B", unit_scale=True, desc="dcp-to-hf", disable=not show,
                   file=sys.stderr, mininterval=1.0) as bar:
             for group in _groups(keys):
-                hf_state = adapter.to_hf(_load(checkpoint, meta, group))
+                native = _load(checkpoint, meta, group)
+                biased += [k for k, v in native.items() if k.endswith("expert_bias") and v.any()]
+                hf_state = adapter.to_hf(native)
                 if tied:
                     hf_state.pop("lm_head.weight", None)
                 for name, tensor in hf_state.items():
                     if tensor.is_floating_point():
                         tensor = tensor.to(torch_dtype)
-                    writer.add(name, tensor.contiguous().clone())
+                    writer.add(name, _own_storage(tensor.contiguous()))
                 bar.update(sum(meta[k].size.numel() * meta[k].properties.dtype.itemsize for k in group))
         n_tensors = sum(len(p) for p in writer.parts) + len(writer.current)
         shards = writer.finish()
@@ -420,8 +441,14 @@ def dcp_to_hf(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if biased:
+        print(
+            f"warning: {len(biased)} MoE layer(s) have nonzero routing biases (moe.expert_bias, from "
+            "load balancing); Hugging Face's MoE has none, so the export routes without them and "
+            "may pick other experts for some tokens", file=sys.stderr,
+        )
     return {"tensors": n_tensors, "bytes": writer.total_bytes, "shards": shards,
-            "tokenizer_files": copied, "out": out}
+            "tokenizer_files": copied, "out": out, "biased_layers": len(biased)}
 
 
 # ------------------------------------------------------------------------ CLI

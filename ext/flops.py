@@ -41,7 +41,6 @@ our table so that its own log line and MFU use it too).
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 import statistics
@@ -51,8 +50,6 @@ from typing import Any, Iterable
 import numpy as np
 
 from ext.errors import ConfigError
-
-logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 
@@ -224,8 +221,9 @@ class Recompute:
 
     def describe(self) -> str:
         if self.mode == "selective":
-            return "selective per-op AC" if self.option == "op" else f"selective AC every {self.option} blocks"
-        return {"none": "no AC", "full": "full AC", "memory_budget": "memory-budget AC"}.get(self.mode, self.mode)
+            return "per-op selective AC" if self.option == "op" else f"selective AC (every {self.option} blocks)"
+        names = {"none": "no AC", "full": "full AC", "memory_budget": "memory-budget AC"}
+        return names.get(self.mode, self.mode)
 
 
 @dataclass(frozen=True)
@@ -336,8 +334,8 @@ class FlopsModel:
             return None
         every = int(recompute.option)
         wrapped = s.n_layers if every == 0 else s.n_layers // every
-        per_block = sum(self._block_forward(moe, tokens, pairs) * n for moe, n in self._layer_kinds()) / s.n_layers
-        return per_block * wrapped
+        blocks = sum(self._block_forward(moe, tokens, pairs) * n for moe, n in self._layer_kinds())
+        return blocks / s.n_layers * wrapped
 
 # ------------------------------------------------------------- segment counts
 
@@ -366,20 +364,23 @@ def attention_counts(segment_ids: Any, labels: Any) -> AttentionCounts:
     lab = np.asarray(labels)
     if seg.shape != lab.shape:
         raise ValueError(f"segment_ids {seg.shape} and labels {lab.shape} differ in shape")
-    if seg.ndim == 1:
-        seg, lab = seg[None], lab[None]
-    n = seg.shape[-1]
-    if n == 0:
+    n = seg.shape[-1] if seg.ndim else 0
+    if seg.size == 0:
         return AttentionCounts(0, 0, 0)
-    pos = np.broadcast_to(np.arange(n, dtype=np.int64), seg.shape)
-    starts = np.ones(seg.shape, dtype=bool)
-    starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
-    seg_start = np.maximum.accumulate(np.where(starts, pos, 0), axis=-1)
-    trained = lab != IGNORE_INDEX
+    seg = seg.reshape(-1, n)
+    trained = (lab != IGNORE_INDEX).reshape(-1)
+    position = np.arange(1, n + 1, dtype=np.int64)  # keys under plain causal attention
+    causal = int(np.tile(position, seg.shape[0])[trained].sum())
+    # A query at row position p in a segment starting at s attends p + 1 - s keys:
+    # subtract s once per trained query of each segment.
+    new = np.ones(seg.shape, dtype=bool)
+    new[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    starts = np.flatnonzero(new)
+    trained_per_segment = np.add.reduceat(trained.astype(np.int64), starts)
     return AttentionCounts(
         trained_tokens=int(trained.sum()),
-        pairs=int((pos - seg_start + 1)[trained].sum()),
-        pairs_causal=int((pos + 1)[trained].sum()),
+        pairs=causal - int((starts % n) @ trained_per_segment),
+        pairs_causal=causal,
     )
 
 
@@ -667,7 +668,9 @@ def _meta_model(model_cls: type, model_args: Any) -> Any:
         return model_cls(model_args)
 
 
-def torchtitan_estimate(model_cls: type, model_args: Any, seq_len: int, model: Any = None) -> tuple[int, float]:
+def torchtitan_estimate(
+    model_cls: type, model_args: Any, seq_len: int, model: Any = None
+) -> tuple[int, float]:
     """torchtitan's own (params, FLOPs per token), from a model built on the meta
     device: the ``get_nparams_and_flops`` of the first torchtitan class among the
     args' bases (our specs' subclasses may correct it)."""
@@ -731,7 +734,9 @@ def flops_report(job_config: Any, packed: str = "auto", docs: int = 10000, rows:
     except ValueError:
         raise ConfigError(f"[model] name = {name!r} is not a registered train spec") from None
     if flavor not in spec.model_args:
-        raise ConfigError(f"[model] flavor = {flavor!r} is not a flavor of {name}: use one of {sorted(spec.model_args)}")
+        raise ConfigError(
+            f"[model] flavor = {flavor!r} is not a flavor of {name}: use one of {sorted(spec.model_args)}"
+        )
     args = copy.deepcopy(spec.model_args[flavor])
     args.update_from_config(job_config)
     try:
@@ -779,3 +784,14 @@ def flops_report(job_config: Any, packed: str = "auto", docs: int = 10000, rows:
     }
 
 
+
+
+# `python -m ext.cli check` and run_train.sh report a bad peak before training.
+from ext.preflight import check_fn  # noqa: E402
+
+
+@check_fn
+def peak_setting(cfg: Any, launch: Any) -> Iterable[str]:
+    value = float(getattr(getattr(cfg, "metrics", None), "peak_tflops", 0.0) or 0.0)
+    if value < 0 or math.isnan(value):
+        yield f"[metrics] peak_tflops = {value}: must be >= 0 (0 detects the device)"

@@ -222,7 +222,9 @@ def build_summary_metrics_processor(
     return SummaryMetricsProcessor(job_config, parallel_dims, tag, model_args=model_args)
 
 
-def _flops_meter(job_config: Any, parallel_dims: ParallelDims, model_args: Any, peak: Any) -> FlopsMeter | None:
+def _flops_meter(
+    job_config: Any, parallel_dims: ParallelDims, model_args: Any, peak: Any
+) -> FlopsMeter | None:
     if peak.tflops is None:
         logger.warning(
             f"flops: {peak.describe()}: MFU is shown as n/a; set [metrics] peak_tflops "

@@ -103,9 +103,9 @@ class DevicePrefetcher:
     ``snapshot_state``, when given, is called before each batch is read; the
     value taken before the batch that is read but not yet handed out is
     :attr:`pending_loader_state` (what a checkpoint must hold). ``defer``, when
-    given, has ``capture()`` (called around each read; returns a token holding
-    the side effects of the read) and ``apply(token)`` (called when that batch
-    is handed out).
+    given, has ``capture()``, a context manager entered around each read whose
+    value holds the side effects of that read, and ``apply(value)``, called
+    when that batch is handed out.
     """
 
     def __init__(

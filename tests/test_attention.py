@@ -204,3 +204,24 @@ def test_cpu_training_with_document_masking_and_skyladder(tmp_path):
     assert windows[0] == 16 and windows[-1] == 256
     assert windows == sorted(windows)
     assert history[-1]["loss"] < history[0]["loss"] - 1.0
+
+
+def test_without_document_masking_skyladder_cuts_only_at_the_window_grid(tmp_path):
+    from ext.data.config import Data, resolve_sources
+    from ext.data.dataset import PackedMixtureDataset
+    from ext.data.encoders import TextEncoder
+    from tokenizers import Tokenizer
+
+    from .conftest import TOKENIZER
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join('{"text": "%s"}\n' % ("word " * (3 + i % 11)) for i in range(200)))
+    tok = Tokenizer.from_file(str(TOKENIZER / "tokenizer.json"))
+    cfg = Data(datasets=[str(data)], buffer_docs=64)
+    for within, expect_doc_cuts in ((True, True), (False, False)):
+        clock = WindowClock(SkyLadder(enable=True, init_window=16, rate=10**6), 64, 100, 4, 1, within)
+        ds = PackedMixtureDataset(resolve_sources(cfg), cfg, TextEncoder(tok, 0, 1), 2, 64, 0, 1, 0, clock)
+        seg = next(iter(ds))[0]["segment_ids"].numpy()
+        cuts = {i for i in range(1, 64) if seg[i] != seg[i - 1]}
+        assert {16, 32, 48} <= cuts
+        assert (cuts != {16, 32, 48}) == expect_doc_cuts

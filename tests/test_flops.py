@@ -177,7 +177,9 @@ AC_CASES = [
 
 @pytest.mark.parametrize("name,flavor,mode,option,eager", AC_CASES,
                          ids=[f"{f}-{m}-{o}" for _, f, m, o, _ in AC_CASES])
-def test_recomputed_flops_equal_flop_counter_under_torchtitans_checkpointing(name, flavor, mode, option, eager):
+def test_recomputed_flops_equal_flop_counter_under_torchtitans_checkpointing(
+    name, flavor, mode, option, eager
+):
     # Per-op SAC keeps attention kernels (on GPU) but would recompute eager matmuls,
     # so that case runs with SDPA and counts matmuls only; MoE experts as grouped GEMMs.
     if (name, flavor) not in EXT_FLAVORS:
@@ -284,11 +286,20 @@ def test_unknown_devices_have_no_peak_rather_than_an_a100s(name):
 
 
 def test_configured_peak_overrides_detection_and_must_not_be_negative():
-    cfg = ConfigManager().parse_args(["--job.config_file", str(DEBUG_CONFIG), "--metrics.peak_tflops", "123.5"])
+    cfg = ConfigManager().parse_args(
+        ["--job.config_file", str(DEBUG_CONFIG), "--metrics.peak_tflops", "123.5"]
+    )
     assert peak_from_config(cfg).tflops == 123.5
     assert resolve_peak(0.0, device=("NVIDIA H100 80GB HBM3", 132)).tflops == 989
     with pytest.raises(ConfigError, match=r"\[metrics\] peak_tflops = -1.0"):
         resolve_peak(-1.0)
+
+
+def test_preflight_rejects_a_negative_peak():
+    from ext.preflight import check
+
+    cfg = ConfigManager().parse_args(["--job.config_file", str(DEBUG_CONFIG), "--metrics.peak_tflops", "-2"])
+    assert "[metrics] peak_tflops = -2.0: must be >= 0 (0 detects the device)" in check(cfg)
 
 
 def test_float8_and_mx_converters_select_the_fp8_peak():
@@ -391,7 +402,10 @@ def test_training_run_reports_exact_flops_hardware_flops_and_mfu_na_on_cpu(tmp_p
     for entry in summary["history"]:
         assert entry["flops/model_flops"] == model
         assert entry["flops/trained_fraction"] == 1.0
-        assert entry["flops/hardware_tflops"] / entry["flops/model_tflops"] == pytest.approx(1 + recompute / model)
+        ratio = entry["flops/hardware_tflops"] / entry["flops/model_tflops"]
+        assert ratio == pytest.approx(1 + recompute / model)
         assert "flops/mfu(%)" not in entry
     assert summary["mfu_pct"] is None and summary["device"] == "cpu"
-    assert math.isclose(summary["trained_tokens_per_second_per_device"], summary["tokens_per_second_per_device"])
+    trained, all_tokens = (summary[k] for k in ("trained_tokens_per_second_per_device",
+                                                "tokens_per_second_per_device"))
+    assert math.isclose(trained, all_tokens)

@@ -90,6 +90,8 @@ class WindowClock:
     total_steps: int
     local_batch: int
     grad_accum: int
+    within_documents: bool = True
+    """Cut documents too (document masking on); False: only the window grid."""
 
     def step_of_row(self, rows_out: int, worker: int, n_workers: int) -> int:
         batch = (rows_out // self.local_batch) * n_workers + worker

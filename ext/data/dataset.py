@@ -226,6 +226,8 @@ class PackedMixtureDataset(IterableDataset, Stateful):
                     self._rows_out, info.id if info else 0, info.num_workers if info else 1
                 )
                 stats[STATS_FIELDS.index("window")] = window
+                if not self.window_clock.within_documents:
+                    segment_ids = np.zeros_like(segment_ids)
                 if window < len(segment_ids):
                     segment_ids = fragment_segments(segment_ids, window)
             counts = attention_counts(segment_ids, self._batch["labels"][i])

@@ -187,7 +187,9 @@ def _window_clock(job_config: Any, dp_world_size: int) -> WindowClock | None:
     full = validate_skyladder(sky, training.seq_len, training.steps)
     per_step = training.local_batch_size * dp_world_size
     grad_accum = 1 if training.global_batch_size < 0 else training.global_batch_size // per_step
-    return WindowClock(sky, full, training.steps, training.local_batch_size, max(grad_accum, 1))
+    attention = getattr(job_config, "attention", None)
+    return WindowClock(sky, full, training.steps, training.local_batch_size, max(grad_accum, 1),
+                       within_documents=bool(attention is None or attention.document_masking))
 
 
 def build_packed_dataloader(

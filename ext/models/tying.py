@@ -11,12 +11,14 @@ agree that there is one tensor:
   Parameter, see below). The tied matrix ends with the head's initialization
   (truncated normal, std ``dim ** -0.5``), as in torchtitan's Qwen3.
 - FSDP/HSDP: torchtitan 0.2.2's ``apply_fsdp`` (Llama-3 and Qwen3 alike) puts
-  ``tok_embeddings`` in one FSDP unit and ``[norm, output]`` in another. FSDP
-  then makes two sharded Parameters from the one tensor, the tie is lost and
-  the head's shard starts from uninitialized memory. :func:`with_tied_fsdp`
-  keeps both modules out of those two units, so the root unit (which also
-  takes the final norm) holds the tied weight once and FSDP re-registers it
-  under both names at every unshard/reshard.
+  ``tok_embeddings`` in one FSDP unit and ``[norm, output]`` in another, so
+  the one tensor is managed twice; torch 2.13 stops at the first forward
+  ("Parameter ... is shared with a parameter already managed by another
+  FSDP group"), also for torchtitan's own tied Qwen3 flavors (without that
+  check, FSDP would shard two separate copies). :func:`with_tied_fsdp` keeps both
+  modules out of those two units, so the root unit (which also takes the
+  final norm) holds the tied weight once and FSDP re-registers it under both
+  names at every unshard/reshard.
 - Tensor and pipeline parallelism would split the pair (TP shards the
   embedding and the head as separate DTensors, PP puts them on different
   stages): :func:`check_tied_layout` rejects them with a one-line error.

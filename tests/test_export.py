@@ -1,0 +1,175 @@
+"""DCP -> Hugging Face export (`python -m ext.cli dcp-to-hf`, ext/export.py) and
+the `last_save_in_hf` folder: transformers loads them and gives our logits."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
+from torchtitan.protocols.train_spec import get_train_spec
+from transformers import AutoModelForCausalLM
+
+import ext.job_config  # noqa: F401  (registers our specs)
+from ext.cli import main as cli_main
+from ext.export import dcp_to_hf, parse_size
+from ext.models.hf import read_safetensors
+
+from .conftest import DEBUG_CONFIG, TOKENIZER, run_command, run_train
+
+FILES = {"config.json", "generation_config.json", "model.safetensors.index.json",
+         "tokenizer.json", "tokenizer_config.json"}
+
+
+def our_model(spec: str, flavor: str, checkpoint=None, seed: int = 0):
+    """Our model of the flavor, with the weights of a DCP checkpoint, or random ones."""
+    model = get_train_spec(spec).model_cls(copy.deepcopy(get_train_spec(spec).model_args[flavor]))
+    if checkpoint is None:
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            model.init_weights(buffer_device=torch.device("cpu"))
+            for name, p in model.named_parameters():  # no weight left at its init constant
+                if p.ndim == 1:
+                    p.copy_(1 + 0.1 * torch.randn_like(p))
+                elif name.endswith("router.gate.weight"):
+                    p.normal_(std=0.5)  # far from uniform: top-k is not decided by rounding
+                else:
+                    p.add_(0.02 * torch.randn_like(p))
+    else:
+        state = model.state_dict()
+        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+        model.load_state_dict(state)
+    return model.eval()
+
+
+def max_logit_difference(hf_folder, model) -> float:
+    hf_model = AutoModelForCausalLM.from_pretrained(str(hf_folder), dtype=torch.float32).eval()
+    tokens = torch.randint(0, model.model_args.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return (hf_model(tokens).logits - model(tokens)).abs().max().item()
+
+
+def test_shard_sizes_read_as_transformers_reads_them():
+    assert parse_size("5GB") == 5 * 10**9
+    assert parse_size("2GiB") == 2 * 2**30
+    assert parse_size("500kb") == 500_000
+    assert parse_size("123") == 123
+
+
+# ----------------------------------------------- a real 2-process FSDP checkpoint
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    """2-process FSDP run on CPU: a DCP checkpoint at step 1 and, through
+    `last_save_in_hf`, an HF folder at step 2. The LR is so small that no fp32
+    weight can move, so both hold the same weights."""
+    dump = tmp_path_factory.mktemp("fsdp")
+    run_train([
+        "--job.config_file", str(DEBUG_CONFIG), "--job.dump_folder", str(dump),
+        "--training.steps", "2", "--optimizer.lr", "1e-30",
+        "--parallelism.data_parallel_replicate_degree", "1", "--parallelism.data_parallel_shard_degree", "2",
+        "--checkpoint.enable", "--checkpoint.interval", "1", "--checkpoint.last_save_in_hf",
+    ], nproc=2)
+    return dump / "checkpoint"
+
+
+@pytest.mark.slow
+def test_export_of_a_two_process_fsdp_checkpoint_gives_our_logits(fsdp_run, tmp_path, python):
+    step1 = fsdp_run / "step-1"
+    assert sorted(p.name for p in step1.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    out = tmp_path / "hf"
+    proc = run_command([python, "-m", "ext.cli", "dcp-to-hf", "--checkpoint", str(step1), "--out", str(out),
+                        "--job.config_file", str(DEBUG_CONFIG), "--max-shard-size", "1MB"])
+    assert proc.returncode == 0, proc.output[-4000:]
+    assert FILES <= {p.name for p in out.iterdir()}
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted({*index["weight_map"].values()})
+    assert len(shards) > 1 and shards[-1] == f"model-{len(shards):05d}-of-{len(shards):05d}.safetensors"
+    assert sorted(index["weight_map"]) == sorted(read_safetensors(out))
+    for shard in shards[:-1]:  # 1MB each, except one tensor bigger than that
+        with safe_open(str(out / shard), "pt") as f:
+            sizes = [f.get_slice(k).get_shape() for k in f.keys()]
+        assert len(sizes) == 1 or sum(torch.Size(s).numel() * 4 for s in sizes) <= 10**6
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [1, 4]  # <|end_of_text|>, and the chat template's <|im_end|>
+    assert max_logit_difference(out, our_model("ext_llama3", "tiny", step1)) < 1e-4
+
+
+@pytest.mark.slow
+def test_last_save_in_hf_is_a_folder_transformers_loads(fsdp_run, tmp_path):
+    step2 = fsdp_run / "step-2"
+    assert FILES <= {p.name for p in step2.iterdir()}
+    assert not (step2 / "sharded").exists()
+    assert cli_main(["dcp-to-hf", "--checkpoint", str(fsdp_run / "step-1"), "--out", str(tmp_path / "hf"),
+                     "--job.config_file", str(DEBUG_CONFIG)]) == 0
+    exported, saved = read_safetensors(tmp_path / "hf"), read_safetensors(step2)
+    assert sorted(exported) == sorted(saved)
+    assert all(torch.equal(exported[k], saved[k]) for k in saved)  # torch's writer == our export
+    assert max_logit_difference(step2, our_model("ext_llama3", "tiny", fsdp_run / "step-1")) < 1e-4
+
+
+@pytest.mark.slow
+def test_an_existing_output_is_refused_unless_overwrite_and_never_half_written(fsdp_run, tmp_path, capsys):
+    out = tmp_path / "hf"
+    # no config: the model is identified from the checkpoint (ext_llama3 tiny), no tokenizer
+    assert cli_main(["dcp-to-hf", "--checkpoint", str(fsdp_run), "--out", str(out)]) == 0
+    assert "ext_llama3 tiny, identified from its tensors" in capsys.readouterr().out
+    assert not (out / "tokenizer.json").exists()
+
+    assert cli_main(["dcp-to-hf", "--checkpoint", str(fsdp_run / "step-1"), "--out", str(out)]) == 2
+    assert f"error: --out {out} is not empty; pass --overwrite to replace it" in capsys.readouterr().err
+
+    assert cli_main(["dcp-to-hf", "--checkpoint", str(fsdp_run / "step-1"), "--out", str(out), "--overwrite",
+                     "--dtype", "bfloat16", "--job.config_file", str(DEBUG_CONFIG)]) == 0
+    assert {t.dtype for t in read_safetensors(out).values()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert (out / "tokenizer.json").exists()
+
+    # a checkpoint that breaks off mid-read: an error line, and no output or temporary folder
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in (fsdp_run / "step-1").iterdir():
+        data = f.read_bytes()
+        (broken / f.name).write_bytes(data[: len(data) // 2] if f.name == "__1_0.distcp" else data)
+    assert cli_main(["dcp-to-hf", "--checkpoint", str(broken), "--out", str(tmp_path / "never")]) == 2
+    assert "could not be read" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "hf"]
+
+
+# ------------------------------- every HF-mapped family: tied heads and MoE
+
+
+@pytest.mark.parametrize("spec,flavor", [
+    ("ext_llama3", "tiny_tied"), ("ext_qwen3", "tiny"),
+    ("ext_qwen3", "tiny_moe"), ("ext_qwen3", "tiny_moe_tied"),
+])
+def test_export_matches_transformers_for_tied_and_moe_flavors(tmp_path, spec, flavor):
+    ours = our_model(spec, flavor, seed=5)
+    checkpoint = tmp_path / "step-0"
+    dcp.save(get_model_state_dict(ours), checkpoint_id=str(checkpoint), no_dist=True)
+    args = copy.deepcopy(get_train_spec(spec).model_args[flavor])
+    summary = dcp_to_hf(str(checkpoint), str(tmp_path / "hf"), model_name=spec, model_args=args,
+                        tokenizer_dir=str(TOKENIZER))
+    assert summary["shards"] == 1
+    tied = args.enable_weight_tying
+    hf_keys = read_safetensors(tmp_path / "hf")
+    assert ("lm_head.weight" in hf_keys) is not tied  # a tied head is written once
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["tie_word_embeddings"] is tied
+    if "moe" in flavor:
+        assert "model.layers.0.mlp.experts.7.down_proj.weight" in hf_keys
+    assert max_logit_difference(tmp_path / "hf", ours) < 1e-4
+
+
+def test_a_checkpoint_of_another_flavor_is_refused_with_the_fix(tmp_path):
+    ours = our_model("ext_llama3", "nano")
+    dcp.save(get_model_state_dict(ours), checkpoint_id=str(tmp_path / "step-0"), no_dist=True)
+    code = cli_main(["dcp-to-hf", "--checkpoint", str(tmp_path / "step-0"), "--out", str(tmp_path / "hf"),
+                     "--job.config_file", str(DEBUG_CONFIG)])  # debug.toml trains "tiny"
+    assert code == 2
+    assert not (tmp_path / "hf").exists()
