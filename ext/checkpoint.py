@@ -253,8 +253,9 @@ class SafeCheckpointManager(CheckpointManager):
             return
         folders = step_folders(self.folder)
         live = {step for step, path in folders.items() if is_committed(path)}
-        if self._inflight and getattr(self, "save_future", None) is not None:
-            match = _STEP_DIR.fullmatch(os.path.basename(os.path.normpath(self._inflight)))
+        inflight = self._inflight if getattr(self, "save_future", None) is not None else None
+        if inflight and os.path.dirname(os.path.abspath(inflight)) == os.path.abspath(self.folder):
+            match = _STEP_DIR.fullmatch(os.path.basename(os.path.normpath(inflight)))
             if match:  # its folder may not exist yet: the writer thread creates it
                 live.add(int(match.group(1)))
         keep = set(sorted(live)[-self.keep_latest_k:])

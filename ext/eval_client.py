@@ -69,6 +69,7 @@ HARNESS_ID = "ext_chat_harness"  # verifiers plugin ids are top-level module nam
 _KEY_ENV = "EXT_EVAL_ENDPOINT_KEY"
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>", "<|eom_id|>")
 _LENGTH_MULTIPLE = 64  # pad decode inputs to few distinct shapes
+_TIMEOUT_S = 3600.0  # an evaluation still running after this is abandoned (NaN rewards), training goes on
 
 
 @dataclass
@@ -313,11 +314,14 @@ class VerifiersEval:
 
     def __init__(self, job_config: Any, tokenizer: Any, parallel_dims: Any, model_keys: tuple[str, ...],
                  validator: Any):
-        import verifiers.v1 as vf  # the optional extra: ImportError names the package
+        from ext.errors import ConfigError
 
+        try:
+            import verifiers.v1 as vf
+        except ImportError as exc:
+            raise ConfigError(f"[eval] verifiers_envs needs the verifiers package ({exc}); install it with "
+                              "`pip install -e .[verifiers]` or set [eval] verifiers_envs = []") from None
         if parallel_dims is not None and parallel_dims.pp_enabled:
-            from ext.errors import ConfigError
-
             raise ConfigError("[eval] verifiers_envs cannot generate with pipeline parallelism; "
                               "set [eval] verifiers_envs = []")
         self.cfg = job_config.eval
@@ -390,7 +394,11 @@ class VerifiersEval:
 
         thread = threading.Thread(target=drive, name="ext-eval-verifiers", daemon=True)
         thread.start()
+        deadline = time.monotonic() + _TIMEOUT_S
         while not done.is_set() or not self.server.pending.empty():
+            if time.monotonic() > deadline:
+                outcome["error"] = TimeoutError(f"still running after {_TIMEOUT_S:.0f} s; abandoned")
+                break
             batch = self.server.take(timeout=0.05)
             if not batch:
                 continue
@@ -405,7 +413,8 @@ class VerifiersEval:
                 raise
             for (_, future), completion in zip(batch, completions):
                 future.set_result(completion)
-        thread.join()
+        if "error" not in outcome:
+            thread.join()
         rewards: dict[str, float] = {}
         if "error" in outcome:
             logger.warning(f"[eval] verifiers evaluation failed: {type(outcome['error']).__name__}: "

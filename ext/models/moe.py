@@ -72,6 +72,7 @@ class MoEConfig:
     Step size of the auxiliary-loss-free load balancing: before each optimizer
     step every expert's routing bias moves by this much towards balance
     (sign of mean load minus its load). 0 turns balancing off (no bias).
+    Applies to every MoE flavor, in place of the flavor's own value.
     """
 
 
