@@ -14,8 +14,9 @@ the widths (512, 192) and 2048 tokens, so that a step takes seconds:
 
 Both runs share the weights and the inputs; each figure is the median of
 ``--steps`` timed steps after ``--warmup``, in bf16 on a GPU and fp32 (what
-CPU training runs in) on a CPU. On a 2-core CPU the run takes a few minutes,
-mostly in the loop path's backward. The last line printed is one JSON object.
+CPU training runs in) on a CPU. On an idle 2-core CPU the run takes about
+30 s, mostly in the loop path's backward. The last line printed is one JSON
+object.
 
     python benchmarks/moe.py [--tokens N] [--dtype bfloat16] [--steps 5]
 """
