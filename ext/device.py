@@ -5,7 +5,8 @@ import time and assumes CUDA behind them (memory stats, ``set_device``, a
 barrier with ``device_ids``). On a CPU-only host this module points those
 copies at a small CPU stand-in, so 1-process and multi-process (gloo) runs
 work unchanged. FSDP over gloo additionally needs sum-only reductions (gloo
-has no PREMUL_SUM); :func:`prepare_sharded_model` applies that.
+has no PREMUL_SUM), and sharded parameters need per-shard random streams at
+initialization; :func:`prepare_sharded_model` applies both.
 
 Everything here is a no-op when torch sees an accelerator, so the same code
 path runs on GPU nodes untouched.
@@ -13,6 +14,7 @@ path runs on GPU nodes untouched.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import resource
@@ -136,6 +138,7 @@ def prepare_sharded_model(model: torch.nn.Module) -> None:
     gloo rejects ``ReduceOp.PREMUL_SUM``. torchtitan already sets the FSDP
     gradient divide factor to 1.0 (the loss is pre-divided by the global
     token count), so forcing sum reductions does not change the result.
+    Also seeds each shard's initialization apart (:func:`seed_shards_apart`).
     No-op with an accelerator or without FSDP.
     """
     if accelerator_present():
@@ -145,3 +148,66 @@ def prepare_sharded_model(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_force_sum_reduction_for_comms(True)
+    seed_shards_apart(model)
+
+
+def shard_index(model: torch.nn.Module) -> tuple[int, int] | None:
+    """``(index, count)`` of this rank's shard of the model's DTensor parameters.
+
+    The index runs over the mesh dimensions on which parameters are sharded
+    (ranks that hold replicas of the same shard, e.g. across HSDP's replicate
+    dimension, share it). None without DTensor parameters, or when parameters
+    disagree on mesh or sharded dimensions (e.g. tensor parallel, where norms
+    are replicated across a dimension other weights are sharded on): then no
+    single per-rank index keeps replicas equal.
+    """
+    from torch.distributed.tensor import DTensor, Shard
+
+    layouts = set()
+    for param in model.parameters():
+        if isinstance(param, DTensor):
+            sharded = tuple(d for d, pl in enumerate(param.placements) if isinstance(pl, Shard))
+            layouts.add((param.device_mesh, sharded))
+    if len(layouts) != 1:
+        return None
+    ((mesh, sharded),) = layouts
+    coordinate = mesh.get_coordinate()
+    if coordinate is None:
+        return None
+    index, count = 0, 1
+    for dim in sharded:
+        index = index * mesh.size(dim) + coordinate[dim]
+        count *= mesh.size(dim)
+    return index, count
+
+
+def seed_shards_apart(model: torch.nn.Module) -> bool:
+    """Give each shard of a CPU-sharded model its own random init stream.
+
+    DTensor keeps one random stream across shards (so a sharded init equals
+    the unsharded one) only on CUDA-like devices. On CPU every rank draws its
+    local shard from the same seeded CPU generator, so the shards of a
+    parameter start as copies of each other: the halves of a 2-way-sharded
+    weight are equal, and sharded MoE experts (and their router rows) are
+    pairwise clones that never diverge. Here ``model.init_weights`` runs with
+    the CPU generator seeded ``initial_seed + shard index`` inside a forked
+    RNG, so shards differ and replicas of one shard stay equal. The weights
+    then differ from a 1-process init with the same seed (as any sharded CPU
+    init must). Returns True when the wrapper was installed.
+    """
+    if accelerator_present() or not hasattr(model, "init_weights"):
+        return False
+    found = shard_index(model)
+    if found is None or found[1] < 2:
+        return False
+    index = found[0]
+    init_weights = model.init_weights
+
+    @functools.wraps(init_weights)
+    def init_weights_per_shard(*args: Any, **kwargs: Any) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((torch.initial_seed() + index) % 2**64)
+            return init_weights(*args, **kwargs)
+
+    model.init_weights = init_weights_per_shard
+    return True

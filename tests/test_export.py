@@ -102,6 +102,21 @@ def test_export_of_a_two_process_fsdp_checkpoint_gives_our_logits(fsdp_run, tmp_
 
 
 @pytest.mark.slow
+def test_fsdp_shards_on_cpu_start_from_different_random_values(fsdp_run):
+    """DTensor draws every CPU rank's shard from the same stream; ext.device
+    seeds each shard apart, so the two halves of a weight are not copies."""
+    model = our_model("ext_llama3", "tiny", fsdp_run / "step-1")  # LR 1e-30: still the init
+    checked = 0
+    for name, p in model.named_parameters():
+        if p.ndim < 2 or p.shape[0] % 2:
+            continue
+        top, bottom = p.detach().chunk(2)
+        assert (top - bottom).norm() > 0.5 * top.norm(), name  # independent draws: ~1.4x
+        checked += 1
+    assert checked >= 5
+
+
+@pytest.mark.slow
 def test_last_save_in_hf_is_a_folder_transformers_loads(fsdp_run, tmp_path):
     step2 = fsdp_run / "step-2"
     assert FILES <= {p.name for p in step2.iterdir()}

@@ -72,10 +72,6 @@ class SegmentLlama3(SegmentMasking, Transformer):
             tie_weights(self)  # to_empty() gave each module its own copy
         super().init_weights(buffer_device=buffer_device)
 
-    def forward(self, tokens, attention_masks=None, positions=None, segment_ids=None):
-        if self.model_args.mask_backend == "dense":
-            self.set_dense_mask(segment_ids)
-        return super().forward(tokens, attention_masks=attention_masks, positions=positions)
 
 # Tiny flavors sized for the shipped 2048-token tokenizer and a 2-core CPU.
 TINY_FLAVORS: dict[str, TransformerModelArgs] = {

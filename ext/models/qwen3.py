@@ -70,11 +70,6 @@ class SegmentQwen3(SegmentMasking, Qwen3Model):
         install_routed_moe(self)
         self.install_segment_attention()
 
-    def forward(self, tokens, attention_masks=None, positions=None, segment_ids=None):
-        if self.model_args.mask_backend == "dense":
-            self.set_dense_mask(segment_ids)
-        return super().forward(tokens, attention_masks=attention_masks, positions=positions)
-
 
 def _tiny_moe(top_k: int = 2, num_experts: int = 8) -> MoEArgs:
     # Qwen3-MoE routing: softmax scores, top-k renormalized, no shared expert.

@@ -105,3 +105,9 @@ class SegmentMasking:
         mask = dense_mask(segment_ids)
         for layer in self.layers.values():
             layer.attention.inner_attention.mask = mask
+
+    def forward(self, tokens, attention_masks=None, positions=None, segment_ids=None):
+        """The base model's forward; the dense backend first takes the batch's mask."""
+        if self.model_args.mask_backend == "dense":
+            self.set_dense_mask(segment_ids)
+        return super().forward(tokens, attention_masks=attention_masks, positions=positions)
