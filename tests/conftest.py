@@ -19,6 +19,9 @@ DEBUG_CONFIG = REPO / "train_configs" / "debug.toml"
 def _env(extra: dict[str, str] | None) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("EXT_SKIP_SETUP", "1")  # run_tests.sh has already set up .venv
+    # The preflight (its own interpreter, ~5 s) is tested by the tests that pass
+    # PREFLIGHT; the other runs start the trainer directly.
+    env.setdefault("EXT_SKIP_PREFLIGHT", "1")
     env.update(extra or {})
     return env
 
@@ -30,6 +33,9 @@ def run_command(cmd: list[str], env: dict[str, str] | None = None, timeout: int 
     )
     proc.output = proc.stdout + proc.stderr  # type: ignore[attr-defined]
     return proc
+
+
+PREFLIGHT = {"EXT_SKIP_PREFLIGHT": "0"}
 
 
 def run_train(args: list[str], nproc: int = 1, env: dict[str, str] | None = None):

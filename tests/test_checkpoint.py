@@ -207,8 +207,8 @@ def _process_tree(pid: int) -> list[int]:
 
 def _start(args: list[str], log: Path, **env: str) -> subprocess.Popen:
     with open(log, "w") as out:
-        return subprocess.Popen(["./run_train.sh", *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "EXT_SKIP_SETUP": "1", "NPROC": "1", **env})
+        env = {**os.environ, "EXT_SKIP_SETUP": "1", "EXT_SKIP_PREFLIGHT": "1", "NPROC": "1", **env}
+        return subprocess.Popen(["./run_train.sh", *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
 def _kill_during_save(dump: Path) -> str:

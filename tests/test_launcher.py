@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .conftest import run_command
+from .conftest import PREFLIGHT, run_command
 
 
 def test_help_explains_every_knob_without_setting_anything_up():
@@ -13,5 +13,17 @@ def test_help_explains_every_knob_without_setting_anything_up():
 
 
 def test_trainer_errors_reach_the_caller_as_a_non_zero_exit():
-    proc = run_command(["./run_train.sh", "--job.config_file", "train_configs/debug.toml", "--no.such-option", "1"])
+    proc = run_command(["./run_train.sh", "--job.config_file", "train_configs/debug.toml", "--no.such-option", "1"],
+                       env=PREFLIGHT)
     assert proc.returncode != 0
+
+
+def test_the_preflight_can_be_skipped(tmp_path):
+    args = ["--job.config_file", "train_configs/debug.toml", "--job.dump_folder", str(tmp_path / "out"),
+            "--training.seq_len", "0"]
+    checked = run_command(["./run_train.sh", *args], env=PREFLIGHT)
+    assert checked.returncode == 2 and "error: [training] seq_len = 0" in checked.stderr
+    skipped = run_command(["./run_train.sh", *args], env={"EXT_SKIP_PREFLIGHT": "1"})
+    assert skipped.returncode not in (0, 2)  # the trainer itself fails
+    assert "error: [training] seq_len = 0" not in skipped.stderr
+    assert "torch.distributed.run" in skipped.output

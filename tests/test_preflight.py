@@ -11,7 +11,7 @@ import pytest
 
 from ext.cli import main as cli
 
-from .conftest import DEBUG_CONFIG, TOKENIZER, read_summary, run_command, run_train
+from .conftest import DEBUG_CONFIG, PREFLIGHT, TOKENIZER, read_summary, run_command, run_train
 
 
 def base_toml(tmp_path: Path, extra: str = "", replace: dict[str, str] | None = None) -> Path:
@@ -166,7 +166,7 @@ def test_shipped_configs_pass_except_for_missing_real_assets(capsys):
 
 def test_run_train_stops_before_torchrun_with_exit_2_and_creates_nothing(tmp_path):
     proc = run_command(["./run_train.sh", "--job.config_file", str(DEBUG_CONFIG), "--job.dump_folder",
-                        str(tmp_path / "out"), "--training.seq_len", "0"])
+                        str(tmp_path / "out"), "--training.seq_len", "0"], env=PREFLIGHT)
     assert proc.returncode == 2
     assert "error: [training] seq_len = 0" in proc.stderr
     assert "Traceback" not in proc.output and "torch.distributed.run" not in proc.output

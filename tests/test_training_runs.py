@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from .conftest import DEBUG_CONFIG, read_summary, run_command, run_train, write_repeated_corpus
+from .conftest import DEBUG_CONFIG, PREFLIGHT, read_summary, run_command, run_train, write_repeated_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +18,8 @@ FSDP = ["--parallelism.data_parallel_replicate_degree", "1", "--parallelism.data
 
 
 def test_debug_config_lowers_the_loss_through_run_train_sh(tmp_path):
-    proc = run_train(["--job.config_file", str(DEBUG_CONFIG), "--job.dump_folder", str(tmp_path)])
+    proc = run_train(["--job.config_file", str(DEBUG_CONFIG), "--job.dump_folder", str(tmp_path)], env=PREFLIGHT)
+    assert "train_configs/debug.toml: ok" in proc.output  # the preflight ran first
     assert "+ " in proc.output and "torch.distributed.run" in proc.output  # the command is printed
     assert "run summary: 200 steps" in proc.output
     summary = read_summary(tmp_path)
