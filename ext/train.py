@@ -10,13 +10,17 @@ user is left alone (it can extend ours by importing it). The trainer is
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 import tomllib
 
 import ext.job_config  # noqa: F401  (registers specs, datasets, CPU support)
+from torchtitan.tools.logging import logger
 from torchtitan.train import main
 
+from ext.errors import ConfigError, DataError, one_line
 from ext.trainer import Trainer  # torchtitan's, plus the [input_pipeline] prefetch
 
 CONFIG_MODULE = "ext.job_config"
@@ -77,9 +81,36 @@ def with_layout_defaults(argv: list[str], world_size: int, local_world_size: int
             "--parallelism.data_parallel_shard_degree=-1"]
 
 
+def run(trainer_class: type = Trainer) -> None:
+    """torchtitan's ``main``; a bad setting or data record found once the
+    trainer runs (a checkpoint folder that holds only weights, a malformed
+    record with ``[data] bad_records = "error"``) ends the process with its
+    one-line message and exit code 2 instead of a traceback."""
+    try:
+        main(trainer_class)
+    except (ConfigError, DataError) as exc:
+        message = f"error: {one_line(exc)}"
+        logger.error(message)
+        _record_for_torchrun(message)
+        sys.stderr.flush()
+        sys.exit(2)
+
+
+def _record_for_torchrun(message: str) -> None:
+    """Replace the traceback torchtitan's ``@record`` wrote into torchrun's error
+    file for this rank with ``message``: torchrun's failure summary then shows
+    that line as the root cause. (The format is torchelastic's ErrorHandler's.)"""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    info = {"py_callstack": message, "timestamp": str(int(time.time()))}
+    with open(path, "w") as f:
+        json.dump({"message": {"message": message, "extraInfo": info}}, f)
+
+
 if __name__ == "__main__":
     argv = with_config_module(sys.argv[1:])
     sys.argv[1:] = with_layout_defaults(
         argv, int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     )
-    main(Trainer)
+    run()

@@ -8,7 +8,9 @@ import re
 
 import pytest
 
-from .conftest import DEBUG_CONFIG, PREFLIGHT, read_summary, run_command, run_train, write_repeated_corpus
+from .conftest import (
+    DEBUG_CONFIG, PREFLIGHT, WEB_CORPUS, read_summary, run_command, run_train, write_repeated_corpus,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -111,3 +113,26 @@ def test_when_all_data_is_spent_every_rank_stops_cleanly(tmp_path):
     assert "Traceback" not in proc.output
     steps = read_summary(tmp_path / "out")["steps"]
     assert 1 <= steps < 1000
+
+
+def test_a_bad_record_found_while_training_ends_the_run_with_its_one_line_message(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    good = WEB_CORPUS.read_text().splitlines()[:40]
+    data.write_text("\n".join([good[0], '{"text": broken', *good[1:]]) + "\n")
+    proc = run_command(["./run_train.sh", "--job.config_file", str(DEBUG_CONFIG), "--job.dump_folder",
+                        str(tmp_path / "out"), "--data.datasets", str(data), "--data.bad_records", "error",
+                        "--data.num_workers", "1", "--training.steps", "3"])
+    assert proc.returncode != 0
+    message = f"error: [data] source 'bad': bad record at {data}:2: not valid JSON"
+    assert message in proc.output
+    assert "exitcode  : 2" in proc.output and f"traceback : {message}" in proc.output  # torchrun's summary
+    assert "ext/data/sources.py" not in proc.output  # no traceback through our code (worker or rank)
+
+
+def test_one_line_unwraps_an_error_reraised_from_a_loader_worker():
+    from ext.errors import DataError, one_line
+
+    wrapped = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+                        "call last):\n  File \"x.py\", line 1, in f\next.errors.DataError: [data] bad record\n")
+    assert one_line(wrapped) == "[data] bad record"
+    assert one_line(DataError("two\n  lines")) == "two lines"
