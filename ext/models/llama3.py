@@ -15,44 +15,30 @@ scaling); ``tests/test_models.py`` checks them against the HF configs.
 
 from __future__ import annotations
 
-from torchtitan.components.loss import build_cross_entropy_loss
-from torchtitan.components.optimizer import build_optimizers
-from torchtitan.components.tokenizer import build_hf_tokenizer
-from ext.eval import build_ext_validator  # held-out loss per source, verifiers envs ([eval])
-from torchtitan.distributed.pipeline_parallel import pipeline_llm
 from dataclasses import dataclass
-from typing import Any
 
+from torchtitan.components.optimizer import build_optimizers
+from torchtitan.distributed.pipeline_parallel import pipeline_llm
 from torchtitan.models.llama3 import Transformer, TransformerModelArgs, llama3_args
 from torchtitan.models.llama3.infra.parallelize import parallelize_llama
 from torchtitan.models.llama3.model.args import RoPEScalingArgs
 from torchtitan.protocols.train_spec import TrainSpec
 
-from ext.data.loader import build_packed_dataloader
-from ext.metrics import build_summary_metrics_processor
 from ext.models.hf import Llama3HFAdapter
 from ext.models.segments import SegmentMasking, convert_args, with_segment_args
-from ext.models.tying import check_tied_layout, tie_weights, tied_nparams_and_flops, with_tied_fsdp
-from ext.parallel import with_extension_fixes
-from ext.scheduler import build_lr_schedulers
+from ext.models.spec import ext_train_spec
+from ext.models.tying import TiedArgs, tie_weights
 
 LLAMA3_SPEC_NAME = "ext_llama3"
 
 
 
 @dataclass
-class Llama3Args(TransformerModelArgs):
+class Llama3Args(TiedArgs, TransformerModelArgs):
     """torchtitan's Llama-3 args plus weight tying."""
 
     enable_weight_tying: bool = False
     """One matrix for the token embedding and the output head (counted once)."""
-
-    def update_from_config(self, job_config: Any, **kwargs: Any) -> None:
-        super().update_from_config(job_config, **kwargs)
-        check_tied_layout(self, job_config, job_config.model.flavor)
-
-    def get_nparams_and_flops(self, model: Any, seq_len: int) -> tuple[int, int]:
-        return tied_nparams_and_flops(self, model, *super().get_nparams_and_flops(model, seq_len))
 
 
 SegmentLlama3Args = with_segment_args(Llama3Args)
@@ -133,17 +119,11 @@ def llama3_flavors() -> dict[str, TransformerModelArgs]:
 
 
 def llama3_train_spec() -> TrainSpec:
-    return TrainSpec(
+    return ext_train_spec(
         model_cls=SegmentLlama3,
         model_args=llama3_flavors(),
-        parallelize_fn=with_extension_fixes(with_tied_fsdp(parallelize_llama)),
+        parallelize_fn=parallelize_llama,
         pipelining_fn=pipeline_llm,
         build_optimizers_fn=build_optimizers,
-        build_lr_schedulers_fn=build_lr_schedulers,
-        build_dataloader_fn=build_packed_dataloader,
-        build_tokenizer_fn=build_hf_tokenizer,
-        build_loss_fn=build_cross_entropy_loss,
-        build_validator_fn=build_ext_validator,
-        build_metrics_processor_fn=build_summary_metrics_processor,
         state_dict_adapter=Llama3HFAdapter,
     )

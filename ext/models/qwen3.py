@@ -24,39 +24,29 @@ import copy
 from dataclasses import dataclass, replace
 from typing import Any
 
-from torchtitan.components.loss import build_cross_entropy_loss
 from torchtitan.components.optimizer import build_optimizers_with_moe_load_balancing
-from torchtitan.components.tokenizer import build_hf_tokenizer
-from ext.eval import build_ext_validator  # held-out loss per source, verifiers envs ([eval])
 from torchtitan.models.moe import MoEArgs
 from torchtitan.models.qwen3 import Qwen3Model, Qwen3ModelArgs, qwen3_args
 from torchtitan.models.qwen3.infra.parallelize import parallelize_qwen3
 from torchtitan.models.qwen3.model.state_dict_adapter import Qwen3StateDictAdapter
 from torchtitan.protocols.train_spec import TrainSpec
 
-from ext.data.loader import build_packed_dataloader
-from ext.metrics import build_summary_metrics_processor
 from ext.models.moe import install_routed_moe, moe_args_from_config
 from ext.models.segments import SegmentMasking, convert_args, with_segment_args
-from ext.models.tying import check_tied_layout, tied_nparams_and_flops, with_tied_fsdp
-from ext.parallel import with_extension_fixes
-from ext.scheduler import build_lr_schedulers
+from ext.models.spec import ext_train_spec
+from ext.models.tying import TiedArgs
 
 QWEN3_SPEC_NAME = "ext_qwen3"
 
 
 @dataclass
-class Qwen3Args(Qwen3ModelArgs):
+class Qwen3Args(TiedArgs, Qwen3ModelArgs):
     """torchtitan's Qwen3 args; the config also sets ``[moe]`` and checks tying."""
 
     def update_from_config(self, job_config: Any, **kwargs: Any) -> None:
         super().update_from_config(job_config, **kwargs)
-        check_tied_layout(self, job_config, job_config.model.flavor)
         if self.moe_enabled:
             self.moe_args = moe_args_from_config(self.moe_args, job_config)
-
-    def get_nparams_and_flops(self, model: Any, seq_len: int) -> tuple[int, int]:
-        return tied_nparams_and_flops(self, model, *super().get_nparams_and_flops(model, seq_len))
 
 
 SegmentQwen3Args = with_segment_args(Qwen3Args)
@@ -114,17 +104,11 @@ def qwen3_flavors() -> dict[str, SegmentQwen3Args]:
 
 
 def qwen3_train_spec() -> TrainSpec:
-    return TrainSpec(
+    return ext_train_spec(
         model_cls=SegmentQwen3,
         model_args=qwen3_flavors(),
-        parallelize_fn=with_extension_fixes(with_tied_fsdp(parallelize_qwen3)),
+        parallelize_fn=parallelize_qwen3,
         pipelining_fn=None,
         build_optimizers_fn=build_optimizers_with_moe_load_balancing,
-        build_lr_schedulers_fn=build_lr_schedulers,
-        build_dataloader_fn=build_packed_dataloader,
-        build_tokenizer_fn=build_hf_tokenizer,
-        build_loss_fn=build_cross_entropy_loss,
-        build_validator_fn=build_ext_validator,
-        build_metrics_processor_fn=build_summary_metrics_processor,
         state_dict_adapter=Qwen3StateDictAdapter,
     )

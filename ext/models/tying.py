@@ -120,3 +120,16 @@ def tied_nparams_and_flops(
         return nparams, flops_per_token
     shared = model.tok_embeddings.weight.numel()
     return nparams + shared, flops_per_token + 6 * shared
+
+
+class TiedArgs:
+    """Mixin for model-args dataclasses: tied layouts are checked against the
+    config, and the parameter/FLOP counts are corrected for a tied head."""
+
+    def update_from_config(self, job_config: Any, **kwargs: Any) -> None:
+        super().update_from_config(job_config, **kwargs)  # type: ignore[misc]
+        check_tied_layout(self, job_config, job_config.model.flavor)
+
+    def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:
+        counts = super().get_nparams_and_flops(model, seq_len)  # type: ignore[misc]
+        return tied_nparams_and_flops(self, model, *counts)
