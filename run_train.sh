@@ -9,8 +9,10 @@ Usage: ./run_train.sh --job.config_file train_configs/<name>.toml [--section.key
 Sets up (or reuses) the virtual environment in .venv, checks the config
 (python -m ext.cli check: every problem on one line each, exit 2, nothing
 started), then runs
-  torchrun ... -m ext.train <your arguments>
-and prints that command first. Every argument is passed to the trainer
+  python -m ext.launch ... -m ext.train <your arguments>
+and prints that command first (ext.launch is torchrun with a shorter
+failure report: torchrun's summary without its own traceback, and the
+failed rank's exit code). Every argument is passed to the trainer
 (torchtitan's --section.key options plus our sections); run from the
 repository root so the shipped configs' relative paths resolve.
 
@@ -83,7 +85,7 @@ if [[ "${EXT_SKIP_PREFLIGHT:-0}" != 1 ]] && ! WORLD_SIZE=$((nproc * nnodes)) LOC
     exit 2
 fi
 
-cmd=("$EXT_PYTHON" -m torch.distributed.run "${launch[@]}"
+cmd=("$EXT_PYTHON" -m ext.launch "${launch[@]}"
      --local-ranks-filter "${LOG_RANK:-0}" --role rank --tee 3
      -m ext.train "$@")
 echo "+ ${cmd[*]}"

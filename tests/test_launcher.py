@@ -26,4 +26,12 @@ def test_the_preflight_can_be_skipped(tmp_path):
     skipped = run_command(["./run_train.sh", *args], env={"EXT_SKIP_PREFLIGHT": "1"})
     assert skipped.returncode not in (0, 2)  # the trainer itself fails
     assert "error: [training] seq_len = 0" not in skipped.stderr
-    assert "torch.distributed.run" in skipped.output
+    assert "-m ext.launch" in skipped.output
+
+
+def test_launcher_exit_codes_follow_the_failed_rank():
+    from ext.launch import exit_code
+
+    assert exit_code(2) == 2
+    assert exit_code(-9) == 137  # SIGKILL, as a shell reports it
+    assert exit_code(0) == 1  # a failure is never reported as success

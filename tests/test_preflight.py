@@ -169,7 +169,7 @@ def test_run_train_stops_before_torchrun_with_exit_2_and_creates_nothing(tmp_pat
                         str(tmp_path / "out"), "--training.seq_len", "0"], env=PREFLIGHT)
     assert proc.returncode == 2
     assert "error: [training] seq_len = 0" in proc.stderr
-    assert "Traceback" not in proc.output and "torch.distributed.run" not in proc.output
+    assert "Traceback" not in proc.output and "ext.launch" not in proc.output
     assert not (tmp_path / "out").exists()
 
 
