@@ -6,7 +6,11 @@ renders them for the backend that ``[attention]`` resolves to:
 - "flex" and "varlen": the model's ``attn_type`` is set accordingly, so
   torchtitan's trainer calls :meth:`SegmentMasking.get_attention_masks` and
   passes the result to every layer (and every pipeline stage) through
-  torchtitan's own Flex/Varlen wrappers.
+  torchtitan's own Flex/Varlen wrappers. The varlen wrapper is replaced by
+  :class:`GQAVarlenAttention`: torchtitan 0.2.2's does not pass
+  ``enable_gqa`` and torch's ``varlen_attn`` refuses fewer key/value heads
+  than query heads without it, so every grouped-query model (Llama-3,
+  Qwen3) would stop at its first varlen attention call.
 - "dense": torchtitan's SDPA path takes no mask, so each layer's inner SDPA
   module is replaced by :class:`DenseMaskSDPA`, and the model's forward hands
   it the boolean mask of the batch before running the layers. The mask stays
@@ -22,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchtitan.models.attention import VarlenMetadata
+from torchtitan.models.attention import VarlenAttentionWrapper, VarlenMetadata
 
 from ext.attention.config import masking_requested, resolve_backend
 from ext.attention.masks import dense_mask, flex_block_mask, varlen_metadata
@@ -79,6 +83,30 @@ class DenseMaskSDPA(nn.Module):
         )
 
 
+def packed_varlen_attention(attn_fn, xq, xk, xv, meta: VarlenMetadata, scale=None):
+    """``attn_fn`` (torch's ``varlen_attn`` signature) over the batch's rows
+    packed into one sequence: inputs ``(bs, heads, seq, head_dim)``, output
+    ``(bs * seq, n_heads, head_dim)``, causal within each ``cu_seqlens`` span,
+    grouped-query when there are fewer key/value heads than query heads."""
+    return attn_fn(
+        xq.transpose(1, 2).flatten(0, 1),
+        xk.transpose(1, 2).flatten(0, 1),
+        xv.transpose(1, 2).flatten(0, 1),
+        meta.cu_seq_q, meta.cu_seq_k, meta.max_q, meta.max_k,
+        scale=scale,
+        window_size=(-1, 0),  # causal
+        enable_gqa=xq.size(1) != xk.size(1),
+    )
+
+
+class GQAVarlenAttention(VarlenAttentionWrapper):
+    """torchtitan's varlen wrapper (its compiled ``varlen_attn``), with grouped-query attention."""
+
+    def forward(self, xq, xk, xv, attention_masks: VarlenMetadata, scale=None):
+        attn_fn = VarlenAttentionWrapper._compiled_varlen_attn  # via the class: not a bound method
+        return packed_varlen_attention(attn_fn, xq, xk, xv, attention_masks, scale)
+
+
 class SegmentMasking:
     """Mixin for torchtitan ``Transformer`` classes (``self.layers[i].attention``)."""
 
@@ -86,9 +114,10 @@ class SegmentMasking:
     layers: nn.ModuleDict
 
     def install_segment_attention(self) -> None:
-        if self.model_args.mask_backend == "dense":
+        inner = {"dense": DenseMaskSDPA, "varlen": GQAVarlenAttention}.get(self.model_args.mask_backend)
+        if inner is not None:
             for layer in self.layers.values():
-                layer.attention.inner_attention = DenseMaskSDPA()
+                layer.attention.inner_attention = inner()
 
     def get_attention_masks(self, input_batch, tokenizer, extra_inputs=None):
         segment_ids = (extra_inputs or {}).get("segment_ids")
