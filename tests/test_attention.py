@@ -154,6 +154,10 @@ def test_varlen_cu_seqlens_allow_exactly_the_dense_pairs():
 
 # -- the flex and varlen models themselves ----------------------------------------------
 
+NEEDS_COMPILER = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                                    reason="inductor's CPU code needs a C++ compiler")
+
+
 def segment_model(backend: str) -> SegmentLlama3:
     """tiny_model's weights, with the attention type the config sets for ``backend``."""
     args = SegmentLlama3Args(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=2048, multiple_of=32,
@@ -164,8 +168,7 @@ def segment_model(backend: str) -> SegmentLlama3:
     return model.eval()
 
 
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                    reason="flex attention on CPU is compiled by inductor and needs a C++ compiler")
+@NEEDS_COMPILER
 def test_flex_model_forward_on_cpu_equals_the_dense_reference():
     """The real flex kernel (inductor's CPU build; CPU has no flex backward) behind
     torchtitan's FlexAttentionWrapper, with our BlockMask, grouped-query heads."""
@@ -201,6 +204,34 @@ def test_varlen_model_runs_grouped_query_attention():
         q, kv = torch.empty(512, 4, 16), torch.empty(512, 2, 16)
     with pytest.raises(ValueError, match="enable_gqa"):  # what torchtitan's wrapper calls
         varlen_attn(q, kv, kv, meta.cu_seq_q, meta.cu_seq_k, meta.max_q, meta.max_k, window_size=(-1, 0))
+
+
+@NEEDS_COMPILER
+def test_torchtitans_block_compile_keeps_the_document_masked_logits_and_gradients():
+    """[compile] enable: torchtitan compiles each block (fullgraph); the dense mask
+    the model hands its attention modules must reach the compiled blocks."""
+    from torchtitan.config.job_config import Compile
+    from torchtitan.models.llama3.infra.parallelize import apply_compile
+
+    seg = segment_ids_of([50, 30, 100, 76])[None].repeat(2, 1)
+    tokens = torch.randint(0, 2048, (2, 256), generator=torch.Generator().manual_seed(0))
+    eager, compiled = tiny_model().train(), tiny_model().train()
+    apply_compile(compiled, Compile(enable=True))
+    results = []
+    for model in (eager, compiled):
+        logits = model(tokens, segment_ids=seg)
+        logits.float().logsumexp(-1).mean().backward()
+        grads = {n.replace("._orig_mod", ""): p.grad for n, p in model.named_parameters()}
+        results.append((logits.detach(), grads))
+    (want, want_grads), (got, got_grads) = results
+    assert (got - want).abs().max() < 1e-4
+    assert got_grads.keys() == want_grads.keys()
+    for name, grad in want_grads.items():
+        assert torch.allclose(got_grads[name], grad, atol=1e-5, rtol=1e-3), name
+    # another batch layout reaches the compiled blocks too (the mask is not baked in)
+    seg2 = segment_ids_of([128, 128])[None].repeat(2, 1)
+    with torch.no_grad():
+        assert (compiled(tokens, segment_ids=seg2) - eager(tokens, segment_ids=seg2)).abs().max() < 1e-4
 
 
 # -- SkyLadder schedules: closed forms ------------------------------------------------
