@@ -52,9 +52,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import time
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torchtitan.components.checkpoint import AsyncMode, CheckpointManager
 from torchtitan.tools.logging import logger
@@ -166,6 +168,29 @@ class SafeCheckpointManager(CheckpointManager):
             if self.last_save_in_hf:
                 self._complete_hf_folder(self._create_checkpoint_id(curr_step))
             self._purge_stale_checkpoints()
+
+    _forced_step: int | None = None
+
+    def save_resumable(self, curr_step: int) -> str | None:
+        """Save a full (resumable) checkpoint of ``curr_step`` now, whatever the
+        interval, and wait until it is committed. Returns its folder, or None
+        when checkpointing is off. A step already saved in full is not saved again."""
+        if not self.enable or self.load_only:
+            return None
+        path = self._create_checkpoint_id(curr_step)
+        if self._inflight != path and checkpoint_kind(path) != "full":
+            self._forced_step = curr_step
+            try:
+                self.save(curr_step)
+            finally:
+                self._forced_step = None
+        self._async_wait()
+        return path
+
+    def _should_save(self, curr_step: int, last_step: bool = False) -> bool:
+        if curr_step == self._forced_step:
+            return True
+        return super()._should_save(curr_step, last_step)
 
     def dcp_save(
         self,
@@ -361,3 +386,62 @@ def install_checkpoint_manager() -> bool:
         return False
     tt_train.CheckpointManager = SafeCheckpointManager
     return True
+
+
+# ------------------------------------------------------- stopping on a signal
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(Exception):
+    """The run stopped on a termination signal (after saving, when it could)."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+class SignalStop:
+    """SIGTERM / SIGUSR1 noted by a handler, agreed on by every rank at a step boundary.
+
+    The handler only records the signal. :meth:`requested` is called by every
+    rank at the same point of the loop; with several processes the ranks
+    agree through an all-reduce (MAX) on a CPU (gloo) group, so they stop
+    after the same step even when the signal reached them at different times,
+    and no GPU stream is synchronized for it.
+    """
+
+    def __init__(self) -> None:
+        self.received = 0
+        self._group = None
+        self._distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if self._distributed and dist.get_backend() != "gloo":
+            self._group = dist.new_group(backend="gloo")  # collective: every rank builds one
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._note)
+
+    def _note(self, signum: int, frame: Any) -> None:
+        if not self.received:
+            self.received = signum
+
+    def requested(self) -> int:
+        """The signal number any rank received (0: none)."""
+        if not self._distributed:
+            return self.received
+        flag = torch.tensor([self.received], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        return int(flag.item())
+
+
+def stop_on_signal(signum: int, step: int, checkpointer: Any) -> Preempted:
+    """Save a resumable checkpoint of ``step`` (when checkpointing is on and a
+    step was trained) and return the exception that ends the run."""
+    name = signal.Signals(signum).name
+    saved = checkpointer.save_resumable(step) if step > 0 and hasattr(checkpointer, "save_resumable") else None
+    if saved:
+        what = f"checkpoint {saved} saved; run the same command to resume from it"
+    elif step > 0:
+        what = "nothing saved ([checkpoint] enable is off)"
+    else:
+        what = "no step was trained"
+    return Preempted(signum, f"stopped by {name} after step {step}: {what}")

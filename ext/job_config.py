@@ -20,7 +20,7 @@ from ext.seeding import install as install_seeding
 from ext.models import register_all as _register_specs
 from ext.models.moe import MoEConfig
 from ext.scheduler import LRScheduler
-from ext.trainer import InputPipeline
+from ext.trainer import InputPipeline, Preemption
 
 
 @dataclass
@@ -55,6 +55,7 @@ class JobConfig:
     attention: Attention = field(default_factory=Attention)
     skyladder: SkyLadder = field(default_factory=SkyLadder)
     input_pipeline: InputPipeline = field(default_factory=InputPipeline)
+    preemption: Preemption = field(default_factory=Preemption)
     moe: MoEConfig = field(default_factory=MoEConfig)
     eval: Eval = field(default_factory=Eval)
 

@@ -20,6 +20,7 @@ import ext.job_config  # noqa: F401  (registers specs, datasets, CPU support)
 from torchtitan.tools.logging import logger
 from torchtitan.train import main
 
+from ext.checkpoint import Preempted
 from ext.errors import ConfigError, DataError, one_line
 from ext.trainer import Trainer  # torchtitan's, plus the [input_pipeline] prefetch
 
@@ -85,9 +86,16 @@ def run(trainer_class: type = Trainer) -> None:
     """torchtitan's ``main``; a bad setting or data record found once the
     trainer runs (a checkpoint folder that holds only weights, a malformed
     record with ``[data] bad_records = "error"``) ends the process with its
-    one-line message and exit code 2 instead of a traceback."""
+    one-line message and exit code 2 instead of a traceback, and a stop on
+    SIGTERM/SIGUSR1 (``[preemption]``, after its checkpoint) with 128 + the
+    signal number."""
     try:
         main(trainer_class)
+    except Preempted as exc:  # saved and committed (checkpointing on); torchtitan closed the trainer
+        logger.warning(str(exc))
+        _record_for_torchrun(str(exc))
+        sys.stderr.flush()
+        sys.exit(128 + exc.signum)
     except (ConfigError, DataError) as exc:
         message = f"error: {one_line(exc)}"
         logger.error(message)

@@ -56,6 +56,7 @@ from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer as TorchtitanTrainer
 
+from ext.checkpoint import SignalStop, stop_on_signal
 from ext.data.loader import LOADER_STATS
 
 
@@ -70,6 +71,23 @@ class InputPipeline:
     ahead (double buffering). On a CPU the copies are no-ops and training is
     identical with or without it. Needs our trainer (``run_train.sh`` /
     ``python -m ext.train``); stock ``torchtitan.train`` ignores it.
+    """
+
+
+@dataclass
+class Preemption:
+    """``[preemption]``: what a termination signal does to a run."""
+
+    save_on_signal: bool = True
+    """
+    On SIGTERM or SIGUSR1 (what torchrun forwards when it is stopped, what
+    SLURM sends at scancel, at the time limit and with ``--signal``), finish
+    the current step, save a full checkpoint of it (with ``[checkpoint]
+    enable``), and stop with exit code 128 + the signal number. Rerunning the
+    same command resumes from that checkpoint. The save must finish within
+    torchrun's grace period (``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``; run_train.sh
+    sets 120 s unless it is set). false: the signals keep their default
+    action (the process ends at once).
     """
 
 
@@ -238,12 +256,18 @@ class _LoaderCheckpointState(Stateful):
 
 
 class Trainer(TorchtitanTrainer):
-    """torchtitan's Trainer plus the ``[input_pipeline]`` device prefetch."""
+    """torchtitan's Trainer plus the ``[input_pipeline]`` device prefetch and
+    the ``[preemption]`` checkpoint-and-stop on termination signals."""
 
     prefetcher: DevicePrefetcher | None = None
 
+    signal_stop: SignalStop | None = None
+
     def __init__(self, job_config: Any):
         super().__init__(job_config)
+        preemption = getattr(job_config, "preemption", None)
+        if preemption is not None and preemption.save_on_signal:
+            self.signal_stop = SignalStop()
         section = getattr(job_config, "input_pipeline", None)
         self.prefetch = bool(section is not None and section.prefetch and self.dataloader is not None)
         if not self.prefetch:
@@ -263,6 +287,16 @@ class Trainer(TorchtitanTrainer):
             if self.device.type == "cpu" else "non_blocking copies"
         )
         logger.info(f"[input_pipeline] prefetch: batches move to {self.device} one batch ahead ({how})")
+
+    def should_continue_training(self) -> bool:
+        """torchtitan's test, and a stop after this step when a rank got SIGTERM/SIGUSR1."""
+        if not super().should_continue_training():
+            return False
+        if self.signal_stop is not None:
+            signum = self.signal_stop.requested()
+            if signum:
+                raise stop_on_signal(signum, self.step, self.checkpointer)
+        return True
 
     def batch_generator(self, data_iterable: Iterable) -> Iterator:
         if not self.prefetch:

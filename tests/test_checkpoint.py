@@ -4,6 +4,7 @@ and resume (ext/checkpoint.py), and exact resume of a real run after SIGKILL."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -275,3 +276,115 @@ def test_a_kill_during_a_save_keeps_the_previous_checkpoint_and_resume_skips_it(
     # the resumed run saved HELD again and the last step; keep_latest_k = 2 keeps those
     assert sorted(int(p.name.removeprefix("step-")) for p in killed_and_resumed["folder"].glob("step-*")) \
         == [HELD, STEPS]
+
+
+# ------------------------------------- SIGTERM: finish the step, save, stop
+
+STOPPED = re.compile(r"stopped by SIGTERM after step (\d+): checkpoint (\S+) saved")
+
+
+def _wait_for_text(proc: subprocess.Popen, log: Path, text: str) -> None:
+    deadline = time.monotonic() + 600  # a hang guard, not a timing assertion
+    while text not in log.read_text():
+        assert proc.poll() is None, log.read_text()[-4000:]
+        assert time.monotonic() < deadline, log.read_text()[-4000:]
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def terminated_and_resumed(killed_and_resumed, tmp_path_factory):
+    """The straight run's settings with checkpoints only at the end; SIGTERM to
+    the launcher once step 1 is logged (what torchrun passes on to the rank),
+    then the same command again."""
+    dump = tmp_path_factory.mktemp("sigterm") / "run"
+    args = [*RUN, "--checkpoint.enable", "--checkpoint.interval", "100", "--checkpoint.async_mode", "async",
+            "--job.dump_folder", str(dump)]
+    log = dump.parent / "stopped.log"
+    proc = _start(args, log)
+    _wait_for_text(proc, log, "step:  1 ")
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=600)
+    resumed = run_train(args)
+    return {"code": code, "log": log.read_text(), "resumed": read_summary(dump), "resumed_log": resumed.output,
+            "straight": killed_and_resumed["straight"]}
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_step_reached_and_the_rerun_continues_exactly(terminated_and_resumed):
+    from ext.checkpoint import checkpoint_kind
+
+    log = terminated_and_resumed["log"]
+    assert terminated_and_resumed["code"] == 128 + signal.SIGTERM, log[-4000:]
+    found = STOPPED.search(log)
+    assert found, log[-4000:]
+    step, folder = int(found.group(1)), found.group(2)
+    assert 1 <= step < STEPS and folder.endswith(f"step-{step}")
+    assert checkpoint_kind(folder) == "full"
+    assert "ext.launch: stopped by SIGTERM" in log
+    assert "Traceback" not in log and "forcefully exiting" not in log  # stopped within the grace period
+    straight = {e["step"]: e for e in terminated_and_resumed["straight"]["history"]}
+    resumed = terminated_and_resumed["resumed"]["history"]
+    assert [e["step"] for e in resumed] == list(range(step + 1, STEPS + 1))
+    for entry in resumed:
+        reference = straight[entry["step"]]
+        assert abs(entry["loss"] - reference["loss"]) < 1e-6, (entry, reference)
+        assert entry["data/attention_window"] == reference["data/attention_window"]
+
+
+def _rank_pid(launcher: int, rank: int) -> int:
+    for pid in _process_tree(launcher):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ and b"TORCHELASTIC_RUN_ID" in b"".join(environ):
+            return pid
+    raise AssertionError(f"no process of rank {rank} under {launcher}")
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step_with_one_checkpoint(tmp_path):
+    from ext.checkpoint import checkpoint_kind
+
+    dump, log = tmp_path / "run", tmp_path / "run.log"
+    proc = _start([
+        "--job.config_file", str(REPO / "train_configs" / "debug.toml"), "--training.steps", "1000",
+        "--metrics.log_freq", "1", "--data.num_workers", "0", "--training.seq_len", "64",
+        "--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "1",
+        "--checkpoint.enable", "--checkpoint.interval", "1000", "--job.dump_folder", str(dump),
+    ], log, NPROC="2", LOG_RANK="0,1")
+    _wait_for_text(proc, log, "step:  2 ")
+    os.kill(_rank_pid(proc.pid, 1), signal.SIGTERM)  # rank 1 only; the launcher is not signalled
+    code = proc.wait(timeout=600)
+    text = log.read_text()
+    steps = {rank: re.search(rf"\[rank{rank}\]:.*stopped by SIGTERM after step (\d+)", text) for rank in (0, 1)}
+    assert all(steps.values()), text[-4000:]
+    step = int(steps[0].group(1))
+    assert int(steps[1].group(1)) == step >= 2
+    assert checkpoint_kind(str(dump / "checkpoint" / f"step-{step}")) == "full"
+    assert code == 128 + signal.SIGTERM  # the ranks' exit code, through ext.launch
+    assert "traceback : stopped by SIGTERM" in text and "Traceback" not in text
+
+
+def test_signal_stop_notes_the_first_signal_and_says_what_was_saved(tmp_path):
+    from ext.checkpoint import STOP_SIGNALS, SignalStop, stop_on_signal
+
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    try:
+        stop = SignalStop()
+        assert stop.requested() == 0
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)  # the first one is kept
+        assert stop.requested() == signal.SIGUSR1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    class Off:
+        def save_resumable(self, step):
+            return None
+
+    stopped = stop_on_signal(signal.SIGUSR1, 7, Off())
+    assert stopped.signum == signal.SIGUSR1
+    assert str(stopped) == "stopped by SIGUSR1 after step 7: nothing saved ([checkpoint] enable is off)"
+    assert str(stop_on_signal(signal.SIGTERM, 0, Off())) == "stopped by SIGTERM after step 0: no step was trained"

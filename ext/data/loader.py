@@ -18,8 +18,11 @@ rank) so that
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import signal
+import weakref
 from typing import Any, Iterator
 
 import numpy as np
@@ -29,6 +32,7 @@ from torchtitan.components.dataloader import ParallelAwareDataloader
 from torchtitan.hf_datasets.text_datasets import build_text_dataloader
 
 from ext.attention.config import masking_requested
+from ext.checkpoint import STOP_SIGNALS
 from ext.attention.skyladder import WindowClock, validate_skyladder
 from ext.data.config import parse_num_workers, resolve_sources, SourceSpec
 from ext.data.dataset import STATS_FIELDS, STATS_KEY, PackedMixtureDataset
@@ -103,6 +107,15 @@ def resolve_num_workers(value: str, specs: list[SourceSpec], dp_world_size: int)
     return wanted
 
 
+def _shutdown_workers(loader_ref: "weakref.ref[PackedDataLoader]") -> None:
+    """Stop a loader's (persistent) workers through the DataLoader's own shutdown."""
+    loader = loader_ref()
+    iterator = getattr(loader, "_iterator", None) if loader is not None else None
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
 class PackedDataLoader(ParallelAwareDataloader):
     """torchtitan's dataloader plus statistics, key filtering and a shared stop."""
 
@@ -113,6 +126,9 @@ class PackedDataLoader(ParallelAwareDataloader):
         self._stop_group = None
         if dist.is_initialized() and dist.get_world_size() > 1:
             self._stop_group = dist.new_group(backend="gloo")
+        # Workers ignore SIGTERM (init_worker), and multiprocessing's own exit hook
+        # would terminate (SIGTERM) and join them: stop them first, the normal way.
+        atexit.register(_shutdown_workers, weakref.ref(self))
 
     def _everyone_has_a_batch(self, have: bool) -> bool:
         if self._stop_group is None:
@@ -192,6 +208,21 @@ def _window_clock(job_config: Any, dp_world_size: int) -> WindowClock | None:
                        within_documents=bool(attention is None or attention.document_masking))
 
 
+def init_worker(worker_id: int) -> None:
+    """``worker_init_fn``: seeded host generators, and SIGTERM/SIGUSR1 ignored.
+
+    A scheduler (SLURM's scancel, its time limit) signals every process of
+    the job, loader workers included; a worker that died of it would break the
+    step the trainer finishes before its checkpoint ([preemption]). Workers
+    end with their trainer process either way (it shuts them down, or they
+    notice it has gone; the loader stops them at exit before multiprocessing's
+    exit hook would try SIGTERM).
+    """
+    seed_worker(worker_id)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def build_packed_dataloader(
     dp_world_size: int,
     dp_rank: int,
@@ -224,7 +255,7 @@ def build_packed_dataloader(
         "batch_size": job_config.training.local_batch_size,
         "num_workers": num_workers,
         "pin_memory": torch.cuda.is_available(),
-        "worker_init_fn": seed_worker,
+        "worker_init_fn": init_worker,
     }
     if num_workers > 0:
         loader_kwargs["persistent_workers"] = True
