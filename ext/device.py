@@ -15,6 +15,7 @@ path runs on GPU nodes untouched.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import platform
 import resource
@@ -198,7 +199,17 @@ def seed_shards_apart(model: torch.nn.Module) -> bool:
     if accelerator_present() or not hasattr(model, "init_weights"):
         return False
     found = shard_index(model)
-    if found is None or found[1] < 2:
+    if found is None:
+        from torch.distributed.tensor import DTensor
+
+        if any(isinstance(p, DTensor) for p in model.parameters()):
+            logging.getLogger(__name__).warning(
+                "CPU run with parameters sharded over different mesh dimensions (tensor "
+                "parallel?): their shards are initialized from the same random stream, so "
+                "the shards of a weight start as copies of each other"
+            )
+        return False
+    if found[1] < 2:
         return False
     index = found[0]
     init_weights = model.init_weights
