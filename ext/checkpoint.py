@@ -56,12 +56,12 @@ import signal
 import time
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from torchtitan.components.checkpoint import AsyncMode, CheckpointManager
 from torchtitan.tools.logging import logger
 
 from ext.errors import ConfigError
+from ext.parallel import host_group, reduce_host_int
 
 DCP_COMMIT = ".metadata"
 HF_COMMIT = "model.safetensors.index.json"
@@ -413,10 +413,7 @@ class SignalStop:
 
     def __init__(self) -> None:
         self.received = 0
-        self._group = None
-        self._distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if self._distributed and dist.get_backend() != "gloo":
-            self._group = dist.new_group(backend="gloo")  # collective: every rank builds one
+        self._group = host_group()  # collective: every rank builds it
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._note)
 
@@ -426,11 +423,7 @@ class SignalStop:
 
     def requested(self) -> int:
         """The signal number any rank received (0: none)."""
-        if not self._distributed:
-            return self.received
-        flag = torch.tensor([self.received], dtype=torch.int64)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-        return int(flag.item())
+        return reduce_host_int(self.received, dist.ReduceOp.MAX, self._group)
 
 
 def stop_on_signal(signum: int, step: int, checkpointer: Any) -> Preempted:

@@ -64,6 +64,7 @@ import torch.distributed as dist
 from torchtitan.tools.logging import logger
 
 from ext.data.encoders import load_chat_tokenizer
+from ext.parallel import host_group
 
 HARNESS_ID = "ext_chat_harness"  # verifiers plugin ids are top-level module names: aliased below
 _KEY_ENV = "EXT_EVAL_ENDPOINT_KEY"
@@ -326,9 +327,8 @@ class VerifiersEval:
                               "set [eval] verifiers_envs = []")
         self.cfg = job_config.eval
         self.seed = job_config.debug.seed if job_config.debug.seed is not None else 0
-        distributed = dist.is_initialized() and dist.get_world_size() > 1
-        self.group = dist.new_group(backend="gloo") if distributed else None
-        self.rank0 = not distributed or dist.get_rank() == 0
+        self.group = host_group()
+        self.rank0 = self.group is None or dist.get_rank() == 0
         sft = getattr(job_config, "sft", None)
         self.generator = ChatGenerator(job_config.model.hf_assets_path, sft.template_file if sft else "",
                                        model_keys, job_config.training.seq_len, validator.prepare, self.group)

@@ -44,6 +44,24 @@ def sum_ddp_gradients(model: nn.Module, parallel_dims: ParallelDims) -> bool:
     return True
 
 
+def host_group() -> dist.ProcessGroup | None:
+    """A gloo group over all ranks for host-side agreements (flags, small
+    objects) that must not wait on GPU streams; None with one process. Building
+    it is a collective: every rank calls this at the same point."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    return dist.new_group(backend="gloo")
+
+
+def reduce_host_int(value: int, op: dist.ReduceOp, group: dist.ProcessGroup | None) -> int:
+    """``value`` reduced with ``op`` over ``group`` (a :func:`host_group`); ``value`` without one."""
+    if group is None:
+        return value
+    flag = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(flag, op=op, group=group)
+    return int(flag.item())
+
+
 def with_extension_fixes(
     parallelize_fn: Callable[[nn.Module, ParallelDims, JobConfig], nn.Module],
 ) -> Callable[[nn.Module, ParallelDims, JobConfig], nn.Module]:

@@ -32,14 +32,15 @@ from torchtitan.components.dataloader import ParallelAwareDataloader
 from torchtitan.hf_datasets.text_datasets import build_text_dataloader
 
 from ext.attention.config import masking_requested
-from ext.checkpoint import STOP_SIGNALS
 from ext.attention.skyladder import WindowClock, validate_skyladder
+from ext.checkpoint import STOP_SIGNALS
 from ext.data.config import parse_num_workers, resolve_sources, SourceSpec
 from ext.data.dataset import STATS_FIELDS, STATS_KEY, PackedMixtureDataset
 from ext.data.encoders import ChatEncoderSpec, TextEncoder
 from ext.data.holdout import training_sources
 from ext.data.sources import open_shards, split_is_by_shard
 from ext.errors import ConfigError
+from ext.parallel import host_group, reduce_host_int
 from ext.seeding import seed_worker
 
 logger = logging.getLogger(__name__)
@@ -123,19 +124,13 @@ class PackedDataLoader(ParallelAwareDataloader):
                  model_keys: tuple[str, ...], **kwargs: Any):
         super().__init__(dataset, dp_rank, dp_world_size, **kwargs)
         self.model_keys = model_keys
-        self._stop_group = None
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            self._stop_group = dist.new_group(backend="gloo")
+        self._stop_group = host_group()
         # Workers ignore SIGTERM (init_worker), and multiprocessing's own exit hook
         # would terminate (SIGTERM) and join them: stop them first, the normal way.
         atexit.register(_shutdown_workers, weakref.ref(self))
 
     def _everyone_has_a_batch(self, have: bool) -> bool:
-        if self._stop_group is None:
-            return have
-        flag = torch.tensor([1 if have else 0], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._stop_group)
-        return bool(flag.item())
+        return bool(reduce_host_int(int(have), dist.ReduceOp.MIN, self._stop_group))
 
     def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         batches = super().__iter__()
