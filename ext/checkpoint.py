@@ -430,7 +430,7 @@ def stop_on_signal(signum: int, step: int, checkpointer: Any) -> Preempted:
     """Save a resumable checkpoint of ``step`` (when checkpointing is on and a
     step was trained) and return the exception that ends the run."""
     name = signal.Signals(signum).name
-    saved = checkpointer.save_resumable(step) if step > 0 and hasattr(checkpointer, "save_resumable") else None
+    saved = checkpointer.save_resumable(step) if step > 0 else None
     if saved:
         what = f"checkpoint {saved} saved; run the same command to resume from it"
     elif step > 0:
