@@ -1,8 +1,9 @@
 """Preflight: every problem of a config, found before any model is built.
 
 :func:`check` runs each check on the parsed JobConfig and returns one line
-per problem, each naming the key and the fix; nothing is created on disk
-(writability is judged from the nearest existing folder). ``python -m ext.cli
+per problem, each naming the key and the fix; nothing is left on disk
+(writability is tested by creating and removing a file in the nearest
+existing folder). ``python -m ext.cli
 check --job.config_file X`` prints them and exits 2; ``run_train.sh`` (our
 entry point) runs the same checks first and stops the same way.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 import types
 import typing
 from dataclasses import dataclass
@@ -198,17 +200,40 @@ def sft_template(cfg: Any, launch: Launch) -> Iterator[str]:
 
 # -- output ---------------------------------------------------------------------------------
 
-@check_fn
-def output_folder(cfg: Any, launch: Launch) -> Iterator[str]:
-    folder = os.path.abspath(cfg.job.dump_folder)
-    probe = folder
+def _unwritable(folder: str) -> str | None:
+    """Why ``folder`` (which may not exist yet) cannot be created and written, or None.
+
+    Judged by creating and removing a file in the nearest existing folder:
+    permission bits say nothing when running as root (containers usually
+    do), and read-only mounts or pseudo file systems (``/proc``) only show
+    themselves on a write.
+    """
+    probe = os.path.abspath(folder)
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
-        yield f"[job] dump_folder {cfg.job.dump_folder!r}: {probe} is a file, not a folder; choose another path"
-    elif not os.access(probe, os.W_OK | os.X_OK):
-        yield f"[job] dump_folder {cfg.job.dump_folder!r} is not writable ({probe}); choose a writable folder"
+        return f"{probe} is a file, not a folder"
+    try:
+        fd, name = tempfile.mkstemp(prefix=".ext-write-test-", dir=probe)
+    except OSError as e:
+        return f"cannot write in {probe} ({e.strerror or e})"
+    os.close(fd)
+    os.remove(name)
+    return None
+
+
+@check_fn
+def output_folder(cfg: Any, launch: Launch) -> Iterator[str]:
+    why = _unwritable(cfg.job.dump_folder)
+    if why:
+        yield f"[job] dump_folder {cfg.job.dump_folder!r}: {why}; choose another path"
+        return
     ckpt = cfg.checkpoint
+    if ckpt.enable:
+        folder = os.path.join(cfg.job.dump_folder, ckpt.folder)
+        why = _unwritable(folder)
+        if why:
+            yield f"[checkpoint] folder {folder!r}: {why}; choose another [checkpoint] folder or [job] dump_folder"
     if ckpt.initial_load_path and not os.path.exists(ckpt.initial_load_path):
         yield f"[checkpoint] initial_load_path {ckpt.initial_load_path!r} does not exist"
 

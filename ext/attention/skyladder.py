@@ -45,11 +45,22 @@ def validate_skyladder(cfg: SkyLadder, seq_len: int, total_steps: int) -> int:
         )
     if cfg.rounding < 0:
         raise ConfigError(f"[skyladder] rounding = {cfg.rounding}: must be >= 0")
+    if cfg.rounding > full:
+        raise ConfigError(
+            f"[skyladder] rounding = {cfg.rounding} exceeds the full window {full}: "
+            "every window would round to init_window; use a rounding <= the full window (or 0)"
+        )
     return full
 
 
 def skyladder_window(cfg: SkyLadder, step: int, full: int, total_steps: int) -> int:
-    """Attention window for optimizer step ``step`` (0 = the first step)."""
+    """Attention window for optimizer step ``step`` (0 = the first step).
+
+    ``rounding`` R floors windows below the full one to a multiple of R
+    (``init_window`` if that gives 0); the full window ``full`` itself is
+    never rounded, so the schedule ends at exactly ``full`` even when it is
+    not a multiple of R.
+    """
     w0, L = cfg.init_window, full
     if cfg.schedule == "rate":
         w = min(L, w0 + step // cfg.rate)
@@ -63,7 +74,7 @@ def skyladder_window(cfg: SkyLadder, step: int, full: int, total_steps: int) -> 
         else:
             w = w0 * (L / w0) ** x
         w = L if x >= 1.0 else min(L, int(w))
-    if cfg.rounding > 0:
+    if cfg.rounding > 0 and w < L:
         w = (w // cfg.rounding) * cfg.rounding or w0
     return int(w)
 
