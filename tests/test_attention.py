@@ -308,3 +308,55 @@ def test_without_document_masking_skyladder_cuts_only_at_the_window_grid(tmp_pat
         cuts = {i for i in range(1, 64) if seg[i] != seg[i - 1]}
         assert {16, 32, 48} <= cuts
         assert (cuts != {16, 32, 48}) == expect_doc_cuts
+
+
+def test_rounding_never_keeps_the_schedule_from_reaching_the_full_window():
+    # 3000 is not a multiple of 256: floor rounding alone would stop at 2816
+    cfg = SkyLadder(enable=True, schedule="lin", init_window=32, horizon_steps=100, rounding=256)
+    windows = [skyladder_window(cfg, t, 3000, 1000) for t in range(0, 120)]
+    assert windows[-1] == 3000 and windows[100] == 3000
+    assert all(w % 256 == 0 for w in windows[:100] if w != 32), windows[:100]
+    assert max(windows[:100]) == 2816  # below the full window the grid still holds
+    # rate schedule: the full window is reached once w0 + t // rate >= L
+    rate = SkyLadder(enable=True, schedule="rate", init_window=32, rate=1, rounding=256)
+    assert skyladder_window(rate, 3000 - 32, 3000, 10**6) == 3000
+    assert skyladder_window(rate, 3000 - 33, 3000, 10**6) == 2816
+
+
+def test_rounding_larger_than_the_full_window_is_refused():
+    from ext.attention.skyladder import validate_skyladder
+    from ext.errors import ConfigError
+
+    cfg = SkyLadder(enable=True, init_window=32, rounding=512)
+    with pytest.raises(ConfigError, match=r"rounding = 512 exceeds the full window 256"):
+        validate_skyladder(cfg, 256, 100)
+    assert validate_skyladder(SkyLadder(enable=True, init_window=32, rounding=256), 256, 100) == 256
+
+
+@pytest.mark.parametrize("backend", ["dense", "flex", "varlen"])
+def test_a_batch_without_segment_ids_is_one_causal_document_per_row(backend):
+    """Generation, eval harnesses and plain token batches carry no segment ids:
+    the masked model then gives plain causal attention (the "none" model's logits)."""
+    tokens = torch.randint(0, 2048, (2, 64), generator=torch.Generator().manual_seed(1))
+    causal = tiny_model("none")
+    model = tiny_model("dense") if backend == "dense" else segment_model(backend)
+    masks = model.get_attention_masks(tokens, None, {})
+    one_doc = torch.zeros(2, 64, dtype=torch.int64)
+    if backend == "flex":
+        want = flex_block_mask_of(one_doc)
+        assert torch.equal(masks.to_dense(), want.to_dense())
+        return
+    if backend == "varlen":
+        assert masks.cu_seq_q.tolist() == [0, 64, 128] and masks.max_q == 64
+        return
+    with torch.no_grad():
+        want = causal(tokens)
+        got = model(tokens)
+        assert (got - want).abs().max() < 1e-5
+        assert (model(tokens, segment_ids=one_doc) - want).abs().max() < 1e-5
+
+
+def flex_block_mask_of(segment_ids: torch.Tensor):
+    from ext.attention.masks import flex_block_mask
+
+    return flex_block_mask(segment_ids)

@@ -76,8 +76,8 @@ class DenseMaskSDPA(nn.Module):
         self.mask: torch.Tensor | None = None
 
     def forward(self, q, k, v, *, scale=None, enable_gqa=False, is_causal=True):
-        if self.mask is None:
-            raise RuntimeError("dense segment attention ran without a mask; pass segment_ids")
+        if self.mask is None:  # a batch without segment ids: each row is one document
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa)
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=self.mask, scale=scale, enable_gqa=enable_gqa
         )
@@ -120,18 +120,22 @@ class SegmentMasking:
                 layer.attention.inner_attention = inner()
 
     def get_attention_masks(self, input_batch, tokenizer, extra_inputs=None):
+        """The backend's mask of the batch's segments; without ``segment_ids``
+        (generation, eval harnesses, plain token batches) each row is one
+        document, i.e. plain causal attention."""
         segment_ids = (extra_inputs or {}).get("segment_ids")
         if segment_ids is None:
-            raise ValueError("segment attention needs `segment_ids` in the batch ([data] loader)")
+            tokens = input_batch["input"] if isinstance(input_batch, dict) else input_batch
+            segment_ids = torch.zeros(tokens.shape, dtype=torch.int32, device=tokens.device)
         if self.model_args.mask_backend == "flex":
             return flex_block_mask(segment_ids)
         meta = varlen_metadata(segment_ids)
         return VarlenMetadata(meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen)
 
     def set_dense_mask(self, segment_ids: torch.Tensor | None) -> None:
-        if segment_ids is None:
-            raise ValueError("dense segment attention needs `segment_ids` in the batch")
-        mask = dense_mask(segment_ids)
+        """Hand every layer the batch's boolean mask; None (no segment ids in
+        the batch) means plain causal attention."""
+        mask = None if segment_ids is None else dense_mask(segment_ids)
         for layer in self.layers.values():
             layer.attention.inner_attention.mask = mask
 
