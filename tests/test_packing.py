@@ -42,6 +42,22 @@ def random_cases(n_cases: int, seed: int):
 # --- brute-force references ------------------------------------------------------------
 
 
+def reference_chunk_bounds(n: int, C: int) -> list[tuple[int, int]]:
+    """ceil(n / C) consecutive chunks, all full but the last; a last chunk of
+    one token (n = k*C + 1, C > 2) takes one more token from the chunk before."""
+    k = math.ceil(n / C)
+    if k == 0:
+        return []
+    lengths = [C] * (k - 1) + [n - C * (k - 1)]
+    if k > 1 and lengths[-1] == 1 and C > 2:
+        lengths[-2:] = [C - 1, 2]
+    bounds, start = [], 0
+    for length in lengths:
+        bounds.append((start, start + length))
+        start += length
+    return bounds
+
+
 def reference_bfd_rows(docs: list[list[int]], C: int) -> list[list[tuple[int, list[int]]]]:
     """Best-fit-decreasing by linear scan: rows as lists of (doc, piece tokens) in layout order.
 
@@ -50,8 +66,8 @@ def reference_bfd_rows(docs: list[list[int]], C: int) -> list[list[tuple[int, li
     """
     chunks = []
     for d, toks in enumerate(docs):
-        for j in range(math.ceil(len(toks) / C)):
-            chunks.append((d, toks[j * C : (j + 1) * C]))
+        for j, (start, stop) in enumerate(reference_chunk_bounds(len(toks), C)):
+            chunks.append((d, toks[start:stop]))
     chunks.sort(key=lambda c: -len(c[1]))  # stable
     rows: list[list[tuple[int, list[int]]]] = []
     free: list[int] = []
@@ -159,8 +175,7 @@ def test_bfd_cuts_only_long_documents_into_ceil_len_over_c_pieces():
             if n == 0:
                 assert d not in pieces
                 continue
-            k = math.ceil(n / C)
-            assert pieces[d] == [C] * (k - 1) + [n - C * (k - 1)]  # first pieces full
+            assert pieces[d] == [b - a for a, b in reference_chunk_bounds(n, C)]
 
 
 def test_segment_ids_number_the_pieces_of_each_row_and_the_padding_tail():
@@ -369,3 +384,22 @@ def test_invalid_arguments_are_rejected():
         pack_documents(tokens, np.array([0, 5]), 8, PAD, "bfd")
     with pytest.raises(ValueError, match="doc_source"):
         pack_documents(tokens, np.array([0, 4]), 8, PAD, "bfd", doc_source=np.array([0, 1]))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_a_document_of_k_c_plus_one_tokens_keeps_its_eos_trained(k):
+    """Its last token (the EOS) must be a label, wherever its chunk lands in a row."""
+    C = 9
+    lengths = [k * C + 1, 4, 4]  # the short ones fill rows so chunks land in several columns
+    offsets = np.concatenate(([0], np.cumsum(lengths)))
+    tokens = np.arange(1, int(offsets[-1]) + 1, dtype=np.int32)
+    eos = int(tokens[lengths[0] - 1])
+    packed = pack_documents(tokens, offsets, C, PAD, "bfd")
+    batch = rows_to_batch(packed, reset_positions=False)
+    trained = batch["labels"][batch["labels"] != IGNORE_INDEX].tolist()
+    assert trained.count(eos) == 1
+    pieces = [len(piece) for row in rows_as_lists(packed) for d, piece in row if d == 0]
+    assert sorted(pieces) == sorted([C] * (k - 1) + [C - 1, 2])
+    # each token of the document is still delivered exactly once
+    delivered = [t for row in rows_as_lists(packed) for d, piece in row if d == 0 for t in piece]
+    assert sorted(delivered) == tokens[: lengths[0]].tolist()

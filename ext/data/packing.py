@@ -8,7 +8,13 @@ Language Modeling" (arXiv 2404.10830):
 1. A document longer than the row capacity ``C`` is split into
    ``ceil(len / C)`` consecutive chunks of at most ``C`` tokens (all but the last
    one full). This is the only cut a document ever gets; every document of at
-   most ``C`` tokens lands whole in one row.
+   most ``C`` tokens lands whole in one row. Exception: a document of
+   ``k * C + 1`` tokens would end in a chunk of one token (its EOS), which
+   trains nothing (the first token of a segment is never a label) and, in a
+   row's last column, is not even an input; there the last two chunks are
+   ``C - 1`` and 2 tokens, so the EOS is predicted from the token before it.
+   (Chunks do not overlap: each token is delivered once; the label across a
+   chunk boundary is lost, one per cut, as in the paper.)
 2. Chunks are sorted by length, longest first (stable: ties keep buffer order).
 3. Each chunk of length ``s`` goes into the open bin with the smallest remaining
    capacity ``r >= s``; a new bin of capacity ``C`` is opened when none fits.
@@ -355,6 +361,12 @@ def pack_documents(
             j = np.arange(piece_doc.shape[0], dtype=np.int64) - np.repeat(first, n_chunks)
             piece_src = np.repeat(doc_start, n_chunks) + j * C
             piece_len = np.minimum(np.repeat(doc_len, n_chunks) - j * C, C)
+            # A last chunk of one token (a document of k*C + 1 tokens: its EOS)
+            # would train nothing; it takes the previous chunk's last token.
+            k = np.repeat(n_chunks, n_chunks)
+            lone = (np.repeat(doc_len % C == 1, n_chunks)) & (k > 1) & (C > 2)
+            piece_len = piece_len - (lone & (j == k - 2)) + (lone & (j == k - 1))
+            piece_src = piece_src - (lone & (j == k - 1))
         else:
             piece_doc, piece_src, piece_len = docs, doc_start, doc_len
         # 2. Sort by length, descending, stable.
