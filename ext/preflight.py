@@ -158,7 +158,7 @@ def model_and_tokenizer(cfg: Any, launch: Launch) -> Iterator[str]:
 @check_fn
 def data_sources(cfg: Any, launch: Launch) -> Iterator[str]:
     from ext.data.config import resolve_sources
-    from ext.data.sources import open_shards
+    from ext.data.sources import plan_source
 
     specs = resolve_sources(cfg.data)
     if not specs:
@@ -177,7 +177,7 @@ def data_sources(cfg: Any, launch: Launch) -> Iterator[str]:
             continue
         if spec.kind == "hub":
             continue  # needs the network; checked when loading
-        if sum(len(s) for s in open_shards(spec)) == 0:
+        if not plan_source(spec).has_records():
             yield f"[data] source {spec.name!r} ({spec.location}) has no records; fill it or remove it"
 
 

@@ -239,18 +239,35 @@ def test_trainer_batches_carry_only_model_inputs_and_feed_the_metrics(tmp_path):
     assert 0 <= metrics["data/pad_fraction"] < 1
 
 
-def test_auto_workers_are_clamped_to_whole_shards(tmp_path, monkeypatch):
+def test_auto_workers_come_from_cores_whatever_the_file_count(tmp_path, monkeypatch):
     f = write_jsonl(tmp_path / "a.jsonl", ["x"])
     specs = resolve_sources(Data(datasets=[str(f)]))
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert resolve_num_workers("auto", specs, dp_world_size=1) == 1  # one file: one worker
+    assert resolve_num_workers("auto", specs, dp_world_size=1) == 7  # 16/2 - 1: one file splits by size
     assert resolve_num_workers("3", specs, dp_world_size=1) == 3  # explicit wins
-    folder = tmp_path / "many"
-    folder.mkdir()
-    for k in range(32):
-        write_jsonl(folder / f"p{k:02d}.jsonl", ["x"])
-    assert resolve_num_workers("auto", resolve_sources(Data(datasets=[str(folder)])), 2) == 7  # 16/2 - 1
+    assert resolve_num_workers(2, specs, dp_world_size=1) == 2  # a TOML integer
+
+
+@pytest.mark.parametrize("value, expected", [("2", 2), ('"2"', 2), ('"auto"', "auto")])
+def test_num_workers_takes_an_integer_or_auto_in_toml(tmp_path, value, expected):
+    from ext.preflight import field_types
+
+    toml = tmp_path / "c.toml"
+    toml.write_text(f'[job]\ncustom_config_module = "ext.job_config"\n[data]\nnum_workers = {value}\n')
+    cfg = ConfigManager().parse_args(["--job.config_file", str(toml)])
+    assert cfg.data.num_workers in (expected, str(expected))
+    assert [p for p in field_types(cfg, None) if "num_workers" in p] == []
+    cli = ConfigManager().parse_args(["--job.config_file", str(toml), "--data.num_workers", "3"])
+    assert cli.data.num_workers == 3
+
+
+@pytest.mark.parametrize("value", [-1, "many", True])
+def test_num_workers_refuses_other_values(tmp_path, value):
+    from ext.data.config import parse_num_workers
+
+    with pytest.raises(ConfigError, match=r"\[data\] num_workers = .*: use \"auto\" or an integer >= 0"):
+        parse_num_workers(value)
 
 
 def test_segment_ids_stay_out_of_the_batch_when_nothing_is_masked(tmp_path):

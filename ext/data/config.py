@@ -24,10 +24,14 @@ from ext.errors import ConfigError
 
 LOCAL_FORMATS = {
     ".jsonl": "jsonl",
+    ".jsonl.gz": "jsonl",
+    ".jsonl.zst": "jsonl",
     ".json": "json",
     ".parquet": "parquet",
     ".arrow": "arrow",
     ".txt": "txt",
+    ".txt.gz": "txt",
+    ".txt.zst": "txt",
 }
 EXHAUSTION = ("restart", "drop")
 
@@ -39,9 +43,9 @@ class Data:
     datasets: list[str] = field(default_factory=list)
     """
     One location per source: a local file, a folder of files of one kind
-    (.jsonl, .json, .parquet, .arrow, .txt; .txt = one document per line), or a
-    Hugging Face Hub dataset id (downloaded and cached by `datasets`; needs a
-    network). Empty: the train spec falls back to torchtitan's
+    (.jsonl, .jsonl.gz, .jsonl.zst, .json, .parquet, .arrow, .txt, .txt.gz,
+    .txt.zst; .txt = one document per line), or a Hugging Face Hub dataset id
+    (streamed by `datasets`, nothing downloaded whole; needs a network). Empty: the train spec falls back to torchtitan's
     `training.dataset` loader.
     """
 
@@ -98,10 +102,11 @@ class Data:
     counts it and warns with file and line; "error" stops with that message.
     """
 
-    num_workers: str = "auto"
+    num_workers: int | str = "auto"
     """
-    DataLoader worker processes per rank: an integer, or "auto" = CPU cores per
-    local rank minus one, at most 8, and no more than the shards a rank can use.
+    DataLoader worker processes per rank: an integer (`num_workers = 2`; the
+    string "2" is accepted too), or "auto" = CPU cores per local rank minus
+    one, at most 8.
     """
 
 
@@ -168,16 +173,25 @@ def _per_source(key: str, values: list, n: int) -> list:
 
 # kind -> file extensions it reads (the `datasets` json builder reads JSON Lines too)
 _KIND_EXTENSIONS = {
-    "jsonl": (".jsonl",),
-    "json": (".json", ".jsonl"),
+    "jsonl": (".jsonl", ".jsonl.gz", ".jsonl.zst"),
+    "json": (".json", ".jsonl", ".jsonl.gz", ".jsonl.zst"),
     "parquet": (".parquet",),
     "arrow": (".arrow",),
-    "txt": (".txt",),
+    "txt": (".txt", ".txt.gz", ".txt.zst"),
 }
 # side files that `Dataset.save_to_disk` writes next to its .arrow files
 _SAVE_TO_DISK_FILES = frozenset({"state.json", "dataset_info.json"})
 # "name" or "owner/name": what a Hub dataset id looks like
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def data_extension(name: str) -> str:
+    """The data extension of a file name, compression included (".jsonl.zst"), lower case."""
+    lower = name.lower()
+    for ext in LOCAL_FORMATS:
+        if ext.count(".") == 2 and lower.endswith(ext):
+            return ext
+    return os.path.splitext(lower)[1]
 
 
 def local_data_files(location: str, fmt: str = "auto") -> tuple[str, tuple[str, ...]]:
@@ -200,7 +214,7 @@ def local_data_files(location: str, fmt: str = "auto") -> tuple[str, tuple[str, 
     if os.path.isfile(location):
         if fmt != "auto":
             return fmt, (location,)
-        ext = os.path.splitext(location)[1].lower()
+        ext = data_extension(location)
         if ext not in LOCAL_FORMATS:
             raise ConfigError(
                 f"cannot tell the kind of {location!r} from its extension {ext or '(none)'!r}; "
@@ -221,11 +235,11 @@ def local_data_files(location: str, fmt: str = "auto") -> tuple[str, tuple[str, 
             )
     if fmt != "auto":
         kind = fmt
-        chosen = [n for n in names if os.path.splitext(n)[1].lower() in _KIND_EXTENSIONS[fmt]]
+        chosen = [n for n in names if data_extension(n) in _KIND_EXTENSIONS[fmt]]
     else:
         by_ext: dict[str, list[str]] = {}
         for n in names:
-            ext = os.path.splitext(n)[1].lower()
+            ext = data_extension(n)
             if ext in LOCAL_FORMATS:
                 by_ext.setdefault(ext, []).append(n)
         kinds = {LOCAL_FORMATS[ext] for ext in by_ext}
@@ -251,7 +265,7 @@ def looks_like_hub_id(location: str) -> bool:
     """Whether ``location`` reads as a Hub dataset id ("name" or "owner/name"), not a data file path."""
     return (
         _HUB_ID.match(location) is not None
-        and os.path.splitext(location)[1].lower() not in LOCAL_FORMATS
+        and data_extension(location) not in LOCAL_FORMATS
     )
 
 
@@ -296,7 +310,9 @@ def resolve_sources(cfg: Data) -> list[SourceSpec]:
                 kind, files = local_data_files(location)
             except ConfigError as exc:
                 raise ConfigError(f"[data] datasets[{i}] {exc}") from None
-            default_name = os.path.splitext(os.path.basename(os.path.normpath(location)))[0]
+            base = os.path.basename(os.path.normpath(location))
+            ext = data_extension(base) if os.path.isfile(location) else os.path.splitext(base)[1]
+            default_name = base[: len(base) - len(ext)] if ext else base
         elif looks_like_hub_id(location):
             kind, files, default_name = "hub", (), location.split("/")[-1]
         else:
@@ -323,8 +339,10 @@ def resolve_sources(cfg: Data) -> list[SourceSpec]:
 
 
 def parse_num_workers(value: str | int) -> int | None:
-    """``"auto"`` -> None, an integer string -> that integer (>= 0)."""
-    if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
+    """``"auto"`` -> None, an integer >= 0 (or its string) -> that integer."""
+    if (isinstance(value, int) and not isinstance(value, bool) and value >= 0) or (
+        isinstance(value, str) and value.strip().isdigit()
+    ):
         return int(value)
     if isinstance(value, str) and value.strip() == "auto":
         return None

@@ -29,7 +29,7 @@ from ext.data.config import Data, SourceSpec
 from ext.data.mixture import Mixture
 from ext.data.packing import pack_documents, rows_to_batch
 from ext.flops import attention_counts
-from ext.data.sources import Source, open_shards
+from ext.data.sources import Plan, Source, plan_source
 
 # Per-row statistics travel with each sample under this key; the loader
 # strips them before the batch reaches the model.
@@ -106,6 +106,9 @@ class PackedMixtureDataset(IterableDataset, Stateful):
         self.dp_rank = dp_rank
         self.dp_world_size = dp_world_size
         self.seed = seed
+        # The sources' plans, made once here (in the process that builds the loader) and
+        # handed to every worker: each worker then opens only the files of its ranges.
+        self.plans: list[Plan] = [plan_source(spec) for spec in specs]
         self._sources: list[Source] | None = None
         self._mixture: Mixture | None = None
         self._pending: dict[str, Any] | None = None
@@ -125,15 +128,12 @@ class PackedMixtureDataset(IterableDataset, Stateful):
         reader, n_readers = self._reader()
         encoder = self.encoder.build()
         self._sources = [
-            Source(
-                spec, i, open_shards(spec), reader, n_readers, encoder,
-                self.seed, self.cfg.shuffle, self.cfg.bad_records,
-            )
-            for i, spec in enumerate(self.specs)
+            Source(plan, i, reader, n_readers, encoder, self.seed, self.cfg.shuffle, self.cfg.bad_records)
+            for i, plan in enumerate(self.plans)
         ]
         self._mixture = Mixture([s.prob for s in self.specs], self.cfg.mixture_unit)
         for i, source in enumerate(self._sources):
-            if len(source) == 0:  # this reader owns no record of the source
+            if len(source) == 0:  # this reader owns no range of the source
                 self._mixture.drop(i)
 
     # -- state ------------------------------------------------------------
@@ -192,6 +192,10 @@ class PackedMixtureDataset(IterableDataset, Stateful):
         if self.encoder.marks_untrained:
             batch["input"], batch["labels"] = split_untrained(batch["input"], batch["labels"])
         stats = row_statistics(packed, sources, len(self.specs))
+        # Bad records skipped per source while reading this buffer: counted in its first row.
+        bad = [s.bad_count - st["bad"] for s, st in zip(self._sources, self._buffer_start["sources"])]
+        stats = np.concatenate((stats, np.zeros((len(stats), len(bad)))), axis=1)
+        stats[0, -len(bad):] = bad
         # Best-fit emits rows roughly by document length (long documents first);
         # a seeded shuffle keeps that order out of training and out of the metrics.
         reader, _ = self._reader()

@@ -4,7 +4,8 @@ A loader reader builds its encoder from a small picklable spec inside its
 worker process (the ``transformers`` tokenizer of the chat encoder is loaded
 there, after the fork). ``encode_batch`` returns, per value, an int32 token
 array or a :class:`Skip` saying why the record gives no document:
-``bad=True`` for a malformed record (subject to ``[data] bad_records``),
+``bad=True`` for a malformed record (subject to ``[data] bad_records``: for
+text, a value that is not a string or is empty),
 ``bad=False`` for a sample refused by policy (too long, nothing to train,
 a template that rewrites earlier turns), which is always skipped and counted.
 """
@@ -43,6 +44,10 @@ class TextEncoder:
         good = [i for i, v in enumerate(values) if isinstance(v, str)]
         bos = np.array([self.bos_id] if self.bos_id is not None else [], np.int32)
         eos = np.array([self.eos_id] if self.eos_id is not None else [], np.int32)
+        for i in good:
+            if not values[i]:
+                out[i] = Skip("empty text", bad=True)
+        good = [i for i in good if values[i]]
         encodings = self.tokenizer.encode_batch([values[i] for i in good], add_special_tokens=False)
         for i, enc in zip(good, encodings):
             out[i] = np.concatenate((bos, np.asarray(enc.ids, np.int32), eos))

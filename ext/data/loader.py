@@ -7,7 +7,9 @@ torchtitan's ``ParallelAwareDataloader`` (its checkpoint state keyed by dp
 rank) so that
 
 - per-row loader statistics are stripped from each batch and accumulated in
-  :data:`LOADER_STATS` for the metrics processor;
+  :data:`LOADER_STATS` for the metrics processor (with the bad records
+  skipped per source: ``data/bad_records/<source>`` in :meth:`LoaderStats.take`,
+  running totals in ``LOADER_STATS.bad_records``);
 - only the keys the model takes are passed on (``input`` always,
   ``positions`` when ``reset_positions``, ``segment_ids`` when the spec's
   model consumes them);
@@ -38,7 +40,7 @@ from ext.data.config import parse_num_workers, resolve_sources, SourceSpec
 from ext.data.dataset import STATS_FIELDS, STATS_KEY, PackedMixtureDataset
 from ext.data.encoders import ChatEncoderSpec, TextEncoder
 from ext.data.holdout import training_sources
-from ext.data.sources import open_shards, split_is_by_shard
+from ext.data.sources import Plan
 from ext.errors import ConfigError
 from ext.parallel import host_group, reduce_host_int
 from ext.seeding import seed_worker
@@ -56,11 +58,15 @@ class LoaderStats:
         self.total: np.ndarray | None = None
         self.last_window: int | None = None  # attention window of the latest batch
         self.window_totals: dict[str, float] | None = None  # STATS_FIELDS sums of the last take()
+        self.bad_records: dict[str, int] = {}  # per source: bad records skipped since the loader began
 
     def add(self, batch_stats: torch.Tensor) -> None:
         self.last_window = int(batch_stats[:, STATS_FIELDS.index("window")].max())
         summed = batch_stats.sum(dim=0).numpy()
         self.total = summed if self.total is None else self.total + summed
+        bad = summed[len(STATS_FIELDS) + len(self.names):]
+        for name, n in zip(self.names, bad):
+            self.bad_records[name] = self.bad_records.get(name, 0) + int(n)
 
     def take(self) -> dict[str, float]:
         """Metrics for the window since the last call, then reset."""
@@ -78,14 +84,18 @@ class LoaderStats:
         }
         for name, tokens in zip(self.names, t[len(STATS_FIELDS):]):
             metrics[f"data/mix/{name}"] = tokens / real
+        for name, bad in zip(self.names, t[len(STATS_FIELDS) + len(self.names):]):
+            metrics[f"data/bad_records/{name}"] = float(bad)
         return metrics
 
 
 LOADER_STATS = LoaderStats()
 
 
-def resolve_num_workers(value: str, specs: list[SourceSpec], dp_world_size: int) -> int:
-    """Workers per rank: the configured integer, or "auto" from cores and shards."""
+def resolve_num_workers(value: int | str, specs: list[SourceSpec], dp_world_size: int) -> int:
+    """Workers per rank: the configured integer, or "auto" = CPU cores per local
+    rank minus one, at most 8 (any file is split by size over readers, so the
+    shard count no longer limits them)."""
     explicit = parse_num_workers(value)
     if explicit is not None:
         return explicit
@@ -94,18 +104,7 @@ def resolve_num_workers(value: str, specs: list[SourceSpec], dp_world_size: int)
     except AttributeError:
         cores = os.cpu_count() or 1
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    wanted = min(max(cores // local_ranks - 1, 0), MAX_AUTO_WORKERS)
-    shards_per_rank = min(max(len(s.files) or 1, 1) // dp_world_size for s in specs)
-    limit = max(shards_per_rank, 1)
-    if wanted > limit:
-        logger.warning(
-            f"[data] num_workers auto: {cores // local_ranks} cores per rank allow {wanted} "
-            f"workers, clamped to {limit} so each worker reads whole shards (the smallest "
-            f"source has {shards_per_rank or 'fewer than one'} shard(s) per rank); reshard "
-            "sources with `python -m ext.data.reshard` to use more"
-        )
-        return limit
-    return wanted
+    return min(max(cores // local_ranks - 1, 0), MAX_AUTO_WORKERS)
 
 
 def _shutdown_workers(loader_ref: "weakref.ref[PackedDataLoader]") -> None:
@@ -148,20 +147,21 @@ class PackedDataLoader(ParallelAwareDataloader):
             yield {k: v for k, v in sample.items() if k in self.model_keys}, labels
 
 
-def _check_sources(specs: list[SourceSpec], n_readers: int) -> None:
-    for spec in specs:
-        shards = open_shards(spec)
-        if sum(len(s) for s in shards) == 0:
+def _check_sources(plans: list[Plan], n_readers: int) -> None:
+    for plan in plans:
+        spec = plan.spec
+        if spec.kind != "hub" and not plan.has_records():
             raise ConfigError(
                 f"[data] source {spec.name!r} ({spec.location}) has no records; "
                 "remove it from [data] datasets or fill it"
             )
-        if len(shards) > 1 and not split_is_by_shard(len(shards), n_readers):
+        if len(plan) < n_readers:
             logger.warning(
-                f"[data] source {spec.name!r} has {len(shards)} shards, which do not divide "
-                f"over {n_readers} readers (dp ranks x workers): it is split by record, so "
-                f"every reader scans all of it ({n_readers}x the reading). Fix: `python -m "
-                f"ext.data.reshard {spec.location} --num-shards {n_readers} --out DIR`"
+                f"[data] source {spec.name!r} has {len(plan)} range(s) for {n_readers} readers "
+                "(dp ranks x workers)" + (
+                    ": every reader streams all of it and keeps every "
+                    f"{n_readers}-th record" if spec.kind == "hub" else "; some readers get none of it"
+                )
             )
 
 
@@ -232,7 +232,6 @@ def build_packed_dataloader(
                                      tokenizer=tokenizer, job_config=job_config, **kwargs)
     cfg = job_config.data
     num_workers = resolve_num_workers(cfg.num_workers, specs, dp_world_size)
-    _check_sources(specs, dp_world_size * max(num_workers, 1))
     pad_id = getattr(tokenizer, "pad_id", None)
     if pad_id is None:
         pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
@@ -242,7 +241,9 @@ def build_packed_dataloader(
         job_config.training.seq_len, dp_rank, dp_world_size, seed,
         window_clock=_window_clock(job_config, dp_world_size),
     )
+    _check_sources(dataset.plans, dp_world_size * max(num_workers, 1))
     LOADER_STATS.names = [s.name for s in specs]
+    LOADER_STATS.bad_records = {}
     keys = ("input",) + (("positions",) if cfg.reset_positions else ()) + (
         ("segment_ids",) if masking_requested(job_config) else ()
     )

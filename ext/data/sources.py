@@ -1,33 +1,75 @@
-"""Reading one source: shards, the split over readers, epochs, tokenization.
+"""Reading one source: a global plan of ranges, readers, epochs, bad records.
 
-A *reader* is one (data-parallel rank, DataLoader worker) pair; there are
-``dp_world_size * num_workers`` of them and each reads a disjoint part of
-every source:
+One reading model for every format. A *reader* is one (data-parallel rank,
+DataLoader worker) pair; there are ``R = dp_world_size * num_workers``.
 
-- by shard when the source's shard (file) count divides by the number of
-  readers: reader ``k`` reads shards ``k, k + R, k + 2R, ...``;
-- otherwise by record: reader ``k`` keeps global records ``k, k + R, ...``
-  of the concatenated shards. That balances the work, but for jsonl/txt
-  every reader indexes every file (R times the scanning); ``python -m
-  ext.data.reshard`` rewrites a source into a multiple of R shards.
+The plan. :func:`plan_source` cuts a source, once per run in the process
+that builds the loader, into contiguous *ranges* ``(file, start, stop)`` of
+roughly equal size, in a unit each format can seek by:
 
-Within its part a reader visits records in a fresh permutation each epoch
-(``shuffle``), seeded by (seed, source, reader, epoch), so a position
-``(epoch, pos)`` identifies the next record exactly: that pair is the
-source's whole checkpoint state.
+- plain ``.jsonl``/``.json`` (JSON Lines)/``.txt``: **bytes**. A range owns
+  the lines that *start* inside ``[start, stop)`` (the Hadoop split rule), so
+  planning needs only file sizes: no line is counted, no file is opened;
+- ``.jsonl.gz``/``.jsonl.zst``/``.txt.gz``/``.txt.zst``: **lines**. A
+  compressed stream cannot seek, so its lines are counted once (one
+  decompression pass per file, cached on disk keyed by path, size and mtime,
+  see :func:`count_lines`) and a range ``[first line, last line)`` is read
+  by decompressing from the file start and skipping lines (a reader keeps
+  its stream open and only rewinds for a range earlier in the same file);
+- parquet: **rows**, never across a row group (read with pyarrow row
+  groups, one column, no copy into a cache); arrow IPC files (file or stream
+  format, as ``datasets`` writes them): rows, memory-mapped; a ``.json``
+  file holding one JSON array: its elements (such a file is parsed whole;
+  use JSON Lines for big data); token shards (:class:`RowShard`, ready
+  token arrays): documents;
+- Hub datasets, streamed (``datasets`` streaming mode): one range per data
+  file of the split (``IterableDataset.shard``); their sizes are unknown, so
+  they are balanced only as well as the dataset's files are. When the split
+  has fewer files than there are readers, every reader streams all of it
+  and keeps every R-th record (stated in the log).
 
-Formats: jsonl and txt are read by a line index (byte offsets), so a bad
-line can be skipped and reported by file and line; json, parquet, arrow and
-Hub datasets are loaded with ``datasets`` (Arrow, memory-mapped).
+A range is ``total / 4096`` units long (at most 8 MiB or 65,536 rows; at
+least 1), whatever the reader count, so a source has about 4,096 ranges or
+more and a reader's share of every pass is equal to within one range.
+
+Who reads what. Epoch ``e`` of a source visits its ranges in the order of a
+permutation keyed by (seed, source name, e) (the identity without
+``shuffle``); the i-th range of that order goes to reader ``i mod R``. So a
+reader opens only the files of its own ranges, every record is read once
+per pass, readers finish a pass together (to within one range), and the
+global order does not depend on R. Inside a range, records come in chunks
+of at most 8,192 in file order, each chunk permuted (keyed by seed, source,
+epoch, range, chunk). A reader's position is ``(epoch, k, pos)``: its k-th
+range of the epoch, records consumed in it. That triple is the source's
+whole checkpoint state; restoring re-opens range k and skips ``pos``.
+
+Memory per reader: the plan (20 bytes a range), the epoch's permutation,
+and one range (<= 8 MiB of text, one parquet row group column, or 8,192
+streamed records); files are opened lazily, after the fork into a worker.
+
+Bad records, one policy for every format (``[data] bad_records``): a line
+that is not UTF-8 or not JSON, a record that is not an object, a missing or
+null field, a string with a lone surrogate, a non-string text, an empty text
+(the last two: :mod:`ext.data.encoders`) is skipped, counted per source and
+named (``file:line`` for line files, ``file:row N`` otherwise; line numbers
+of plain files are counted only when a record must be named), or stops the
+run with :class:`DataError` naming it. Lone surrogates never reach the
+tokenizer; should the tokenizer still refuse a batch, its records are
+encoded one by one and the refused ones are bad records.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import logging
+import math
 import os
+import zlib
 from collections import deque
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 
@@ -40,145 +82,711 @@ logger = logging.getLogger(__name__)
 
 _MAX_WARNINGS_PER_SOURCE = 10
 _TOKENIZE_BATCH = 1024
+CHUNK_RECORDS = 8192  # records per shuffled chunk of a range
+MIN_RANGES = 4096  # a source is cut into at least this many ranges (when it is that big)
+MAX_RANGE = {"bytes": 8 << 20, "lines": 65536, "rows": 65536, "shards": 1}
+_BLOCK = 1 << 20  # bytes read at a time from a stream
+COMPRESSED = {".gz": "gzip", ".zst": "zstd"}
+
+
+@dataclass
+class Chunk:
+    """Consecutive records of a range: field values (None for a malformed record,
+    whose reason is in ``bad``), and each record's location (``shard.locate``)."""
+
+    values: list[Any]
+    locs: list[int]
+    bad: dict[int, str] = field(default_factory=dict)
 
 
 class Shard(Protocol):
+    """One file (or one Hub data file) of a source, as the plan and a reader see it.
+
+    ``segments()`` (planning, main process): natural blocks ``(start, stop)`` in
+    ``unit`` that a range never crosses. ``chunks(start, stop)`` (reader):
+    the records of a range in file order, <= ``CHUNK_RECORDS`` per chunk.
+    ``locate(loc)``: "file:line" / "file:row N" of a record. ``tokenized``:
+    values are ready int32 token arrays (no tokenizer).
+    """
+
+    path: str
+    unit: str
+    tokenized: bool
+
+    def segments(self) -> list[tuple[int, int]]: ...
+
+    def chunks(self, start: int, stop: int) -> Iterator[Chunk]: ...
+
+    def locate(self, loc: int) -> str: ...
+
+
+class RowShard(Protocol):
+    """A shard of ready token documents (``ext.data.tokenized.TokenShard``):
+    ``len()`` documents, ``read(rows)`` -> [(int32 tokens, "where")] per row,
+    optionally ``holdout_hashes(rows)`` -> float64 content hashes or None."""
+
     path: str
 
     def __len__(self) -> int: ...
 
-    def read(self, rows: np.ndarray) -> list[tuple[Any, str]]:
-        """The field value of each of ``rows`` (None when malformed) and where/why."""
-        ...
+    def read(self, rows: np.ndarray) -> list[tuple[np.ndarray, str]]: ...
 
 
-def _line_spans(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Byte (start, end) and 1-based line number of every non-blank line."""
-    data = np.memmap(path, dtype=np.uint8, mode="r") if os.path.getsize(path) else np.zeros(0, np.uint8)
-    newlines = np.flatnonzero(data == 10)
-    starts = np.concatenate(([0], newlines + 1))
-    ends = np.concatenate((newlines, [len(data)]))
-    keep = ends > starts
-    # blank lines with only whitespace are rare; they are reported as bad records later
-    line_no = np.flatnonzero(keep) + 1
-    return starts[keep].astype(np.int64), ends[keep].astype(np.int64), line_no.astype(np.int64)
+# -- record checks ------------------------------------------------------------------
+
+def _check_value(value: Any, text_field: str) -> tuple[Any, str]:
+    """(value, "") when usable, else (None, why). Lone surrogates are refused here."""
+    if value is None:
+        return None, f"field {text_field!r} is null"
+    try:
+        if isinstance(value, str):
+            value.encode("utf-8")
+        elif not isinstance(value, (int, float, bool)):
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        return None, f"field {text_field!r} holds a lone surrogate (U+{ord(e.object[e.start]):04X})"
+    except (TypeError, ValueError) as e:
+        return None, f"field {text_field!r} is not JSON-like ({e})"
+    return value, ""
 
 
-class LineShard:
-    """A jsonl or txt file read through a byte-offset index of its lines."""
+def _decode(raw: bytes) -> tuple[str | None, str]:
+    try:
+        return raw.decode("utf-8"), ""
+    except UnicodeDecodeError as e:
+        return None, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+
+
+def _parse_line(raw: bytes, text_field: str, is_json: bool) -> tuple[Any, str]:
+    text, why = _decode(raw)
+    if text is None:
+        return None, why
+    if not is_json:
+        return _check_value(text, text_field)
+    try:
+        record = json.loads(text)
+    except ValueError as e:
+        return None, f"not valid JSON ({getattr(e, 'msg', e)})"
+    except RecursionError:
+        return None, "not valid JSON (nested too deeply)"
+    if not isinstance(record, dict):
+        return None, f"not a JSON object (a {type(record).__name__})"
+    if text_field not in record:
+        return None, f"no field {text_field!r}"
+    return _check_value(record[text_field], text_field)
+
+
+def _lines_to_chunks(lines: Iterator[tuple[int, bytes]], text_field: str, is_json: bool) -> Iterator[Chunk]:
+    """(loc, raw line) -> chunks; blank lines are not records."""
+    chunk = Chunk([], [])
+    for loc, raw in lines:
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        if not raw:
+            continue
+        value, why = _parse_line(raw, text_field, is_json)
+        if value is None:
+            chunk.bad[len(chunk.values)] = why
+        chunk.values.append(value)
+        chunk.locs.append(loc)
+        if len(chunk.values) == CHUNK_RECORDS:
+            yield chunk
+            chunk = Chunk([], [])
+    if chunk.values:
+        yield chunk
+
+
+def _arrow_values(column: Any, text_field: str, first_row: int) -> Chunk:
+    """A pyarrow (chunked) array -> a chunk with each value checked."""
+    try:
+        raw = column.to_pylist()
+    except Exception:  # e.g. invalid UTF-8 in a string column: find the bad rows one by one
+        raw = []
+        for i in range(len(column)):
+            try:
+                raw.append(column[i].as_py())
+            except Exception as e:
+                raw.append(_Bad(f"unreadable value ({type(e).__name__}: {e})"))
+    chunk = Chunk([], [])
+    for i, value in enumerate(raw):
+        if isinstance(value, _Bad):
+            value, why = None, value.why
+        else:
+            value, why = _check_value(value, text_field)
+        if value is None:
+            chunk.bad[i] = why
+        chunk.values.append(value)
+        chunk.locs.append(first_row + i)
+    return chunk
+
+
+@dataclass
+class _Bad:
+    why: str
+
+
+# -- line files -----------------------------------------------------------------------
+
+def _split_blocks(blocks: Iterator[bytes], first_loc: int, per_line: bool) -> Iterator[tuple[int, bytes]]:
+    """Lines of a byte stream with their location: byte offset (or line index when
+    ``per_line``), counted from ``first_loc``."""
+    pending = b""
+    loc = first_loc
+    for block in blocks:
+        parts = (pending + block).split(b"\n")
+        pending = parts.pop()
+        for line in parts:
+            yield loc, line
+            loc += 1 if per_line else len(line) + 1
+    if pending:
+        yield loc, pending
+
+
+class PlainLineShard:
+    """An uncompressed jsonl/txt file, planned in bytes (no index, no line count)."""
+
+    unit = "bytes"
+    tokenized = False
 
     def __init__(self, path: str, text_field: str, is_json: bool):
-        self.path = path
-        self.text_field = text_field
-        self.is_json = is_json
-        self.starts, self.ends, self.line_no = _line_spans(path)
+        self.path, self.text_field, self.is_json = path, text_field, is_json
         self._file = None
+        self._known_lines: tuple[int, int] = (0, 1)  # (byte offset, its line number)
 
-    def __len__(self) -> int:
-        return len(self.starts)
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_file": None}
 
-    def read(self, rows: np.ndarray) -> list[tuple[Any, str]]:
+    def segments(self) -> list[tuple[int, int]]:
+        size = os.path.getsize(self.path)
+        return [(0, size)] if size else []
+
+    def _open(self):
         if self._file is None:  # opened lazily: after the fork into a worker
             self._file = open(self.path, "rb")
-        out = []
-        f = self._file
-        for r in rows:
-            f.seek(self.starts[r])
-            raw = f.read(int(self.ends[r] - self.starts[r]))
-            where = f"{self.path}:{self.line_no[r]}"
-            if not self.is_json:
-                out.append((raw.decode("utf-8", errors="replace"), where))
-                continue
+        return self._file
+
+    def chunks(self, start: int, stop: int) -> Iterator[Chunk]:
+        f = self._open()
+        begin = start
+        if start > 0:  # a line that starts before `start` belongs to the previous range
+            f.seek(start - 1)
+            if f.read(1) != b"\n":
+                f.readline()
+                begin = f.tell()
+        if begin >= stop:
+            return
+        f.seek(begin)
+        block = f.read(stop - begin)
+        if not block.endswith(b"\n"):
+            block += f.readline()  # the last line may run past `stop`
+        yield from _lines_to_chunks(_split_blocks(iter((block,)), begin, False), self.text_field, self.is_json)
+
+    def locate(self, loc: int) -> str:
+        """``path:line`` of the line starting at byte ``loc`` (newlines counted on demand)."""
+        offset, line = self._known_lines
+        if loc < offset:
+            offset, line = 0, 1
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            while offset < loc:
+                block = f.read(min(_BLOCK * 16, loc - offset))
+                if not block:
+                    break
+                line += block.count(b"\n")
+                offset += len(block)
+        self._known_lines = (loc, line)
+        return f"{self.path}:{line}"
+
+
+def _cache_dir() -> str:
+    base = os.environ.get("EXT_DATA_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torchtitan-ext", "data"
+    )
+    return base
+
+
+def _stream_blocks(path: str) -> Iterator[bytes]:
+    import pyarrow as pa
+
+    compression = COMPRESSED.get(os.path.splitext(path)[1].lower())
+    with pa.input_stream(path, compression=compression) as stream:
+        while True:
+            block = stream.read(_BLOCK)
+            if not block:
+                return
+            yield block
+
+
+def count_lines(path: str) -> int:
+    """Lines of a (compressed) file: one decompression pass, cached on disk.
+
+    The cache (``$EXT_DATA_CACHE``, default ``~/.cache/torchtitan-ext/data``)
+    holds one small file per (path, size, mtime), so a changed file is
+    counted again; an unwritable cache only costs the count next run.
+    """
+    st = os.stat(path)
+    key = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    cache = os.path.join(_cache_dir(), f"lines-{key}")
+    try:
+        with open(cache) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        pass
+    n, last = 0, b"\n"
+    try:
+        for block in _stream_blocks(path):
+            n += block.count(b"\n")
+            last = block[-1:]
+    except OSError as e:
+        raise DataError(f"cannot decompress {path}: {e}; check the file (e.g. zstd -t / gzip -t)") from None
+    n += last != b"\n"
+    try:
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        tmp = f"{cache}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(str(n))
+        os.replace(tmp, cache)
+    except OSError:
+        pass
+    return n
+
+
+class CompressedLineShard:
+    """A .gz/.zst jsonl/txt file, planned in lines (counted once, cached)."""
+
+    unit = "lines"
+    tokenized = False
+
+    def __init__(self, path: str, text_field: str, is_json: bool):
+        self.path, self.text_field, self.is_json = path, text_field, is_json
+        self._lines: Iterator[tuple[int, bytes]] | None = None
+        self._next = 0  # index of the line self._lines yields next
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_lines": None, "_next": 0}
+
+    def segments(self) -> list[tuple[int, int]]:
+        n = count_lines(self.path)
+        return [(0, n)] if n else []
+
+    def _read(self, start: int, stop: int) -> Iterator[tuple[int, bytes]]:
+        if self._lines is None or start < self._next:  # rewind: decompress from the start
+            self._lines, self._next = _split_blocks(_stream_blocks(self.path), 0, True), 0
+        try:
+            while self._next < stop:
+                loc, line = next(self._lines)
+                self._next = loc + 1
+                if loc >= start:
+                    yield loc, line
+        except StopIteration:
+            self._lines = None
+        except OSError as e:
+            self._lines = None
+            raise DataError(f"cannot decompress {self.path} (line {self._next + 1}): {e}; "
+                            "check or rewrite the file") from None
+
+    def chunks(self, start: int, stop: int) -> Iterator[Chunk]:
+        yield from _lines_to_chunks(self._read(start, stop), self.text_field, self.is_json)
+
+    def locate(self, loc: int) -> str:
+        return f"{self.path}:{loc + 1}"
+
+
+# -- columnar files ----------------------------------------------------------------------
+
+def _missing_field(spec_name: str, path: str, text_field: str, columns: list[str]) -> DataError:
+    return DataError(f"[data] source {spec_name!r}: {path} has no field {text_field!r} "
+                     f"(columns: {columns}); set [data] text_fields")
+
+
+class ParquetShard:
+    """A parquet file, planned in rows within row groups; one column read per row group."""
+
+    unit = "rows"
+    tokenized = False
+
+    def __init__(self, path: str, text_field: str, source: str):
+        self.path, self.text_field, self.source = path, text_field, source
+        self._file = None
+        self._group: tuple[int, Any] | None = None  # (row group, its column): the last one read
+        self._group_starts: np.ndarray | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_file": None, "_group": None}
+
+    def _open(self):
+        import pyarrow.parquet as pq
+
+        if self._file is None:
             try:
-                record = json.loads(raw)
-            except ValueError as e:
-                out.append((None, f"{where}: not valid JSON ({e.msg})"))
-                continue
-            value = record.get(self.text_field) if isinstance(record, dict) else None
-            if value is None:
-                out.append((None, f"{where}: no field {self.text_field!r}"))
-            else:
-                out.append((value, where))
-        return out
+                self._file = pq.ParquetFile(self.path, memory_map=True)
+            except Exception as e:
+                raise DataError(f"[data] source {self.source!r}: cannot read parquet file {self.path} "
+                                f"({type(e).__name__}: {e}); fix or remove it") from None
+        return self._file
+
+    def segments(self) -> list[tuple[int, int]]:
+        pf = self._open()
+        names = pf.schema_arrow.names
+        if self.text_field not in names:
+            raise _missing_field(self.source, self.path, self.text_field, names)
+        rows = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+        self._file = None
+        starts = np.concatenate(([0], np.cumsum(rows))).astype(np.int64)
+        self._group_starts = starts
+        return [(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:]) if b > a]
+
+    def chunks(self, start: int, stop: int) -> Iterator[Chunk]:
+        pf = self._open()
+        if self._group_starts is None:
+            rows = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+            self._group_starts = np.concatenate(([0], np.cumsum(rows))).astype(np.int64)
+        g = int(np.searchsorted(self._group_starts, start, side="right") - 1)
+        if self._group is None or self._group[0] != g:
+            self._group = (g, pf.read_row_group(g, columns=[self.text_field]).column(0))
+        column = self._group[1]
+        base = int(self._group_starts[g])
+        for a in range(start, stop, CHUNK_RECORDS):
+            b = min(a + CHUNK_RECORDS, stop)
+            yield _arrow_values(column.slice(a - base, b - a), self.text_field, a)
+
+    def locate(self, loc: int) -> str:
+        return f"{self.path}:row {loc}"
 
 
 class ArrowShard:
-    """A json/parquet/arrow file, or a Hub split, loaded with ``datasets``."""
+    """An Arrow IPC file (file or stream format), memory-mapped, planned in rows."""
 
-    def __init__(self, spec: SourceSpec, path: str):
-        from datasets import load_dataset
+    unit = "rows"
+    tokenized = False
 
-        self.path = path
-        self.text_field = spec.text_field
-        if spec.kind == "hub":
-            ds = load_dataset(path, split=spec.split)
-        else:
-            ds = load_dataset(spec.kind, data_files=[path], split="train")
-        if self.text_field not in ds.column_names:
-            raise DataError(
-                f"[data] source {spec.name!r}: {path} has no field {self.text_field!r} "
-                f"(columns: {ds.column_names}); set [data] text_fields"
-            )
-        self.ds = ds.select_columns([self.text_field])
+    def __init__(self, path: str, text_field: str, source: str):
+        self.path, self.text_field, self.source = path, text_field, source
+        self._table = None
 
-    def __len__(self) -> int:
-        return len(self.ds)
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_table": None}
 
-    def read(self, rows: np.ndarray) -> list[tuple[Any, str]]:
-        values = self.ds[rows.tolist()][self.text_field]
-        return [
-            (v, f"{self.path}[{r}]") if v is not None
-            else (None, f"{self.path}[{r}]: field {self.text_field!r} is empty")
-            for v, r in zip(values, rows)
-        ]
+    def _open(self):
+        import pyarrow as pa
 
+        if self._table is None:
+            try:
+                source = pa.memory_map(self.path)
+                try:
+                    table = pa.ipc.open_file(source).read_all()
+                except pa.ArrowInvalid:
+                    table = pa.ipc.open_stream(pa.memory_map(self.path)).read_all()
+            except Exception as e:
+                raise DataError(f"[data] source {self.source!r}: cannot read arrow file {self.path} "
+                                f"({type(e).__name__}: {e}); fix or remove it") from None
+            if self.text_field not in table.column_names:
+                raise _missing_field(self.source, self.path, self.text_field, table.column_names)
+            self._table = table.select([self.text_field])
+        return self._table
+
+    def segments(self) -> list[tuple[int, int]]:
+        n = self._open().num_rows
+        self._table = None
+        return [(0, n)] if n else []
+
+    def chunks(self, start: int, stop: int) -> Iterator[Chunk]:
+        column = self._open().column(0)
+        for a in range(start, stop, CHUNK_RECORDS):
+            b = min(a + CHUNK_RECORDS, stop)
+            yield _arrow_values(column.slice(a, b - a), self.text_field, a)
+
+    def locate(self, loc: int) -> str:
+        return f"{self.path}:row {loc}"
+
+
+class JsonArrayShard:
+    """A .json file holding one JSON array of records (parsed whole when read)."""
+
+    unit = "rows"
+    tokenized = False
+
+    def __init__(self, path: str, text_field: str, source: str):
+        self.path, self.text_field, self.source = path, text_field, source
+        self._records: list | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_records": None}
+
+    def _open(self) -> list:
+        if self._records is None:
+            with open(self.path, "rb") as f:
+                raw = f.read()
+            text, why = _decode(raw)
+            try:
+                if text is None:
+                    raise ValueError(why)
+                records = json.loads(text)
+            except ValueError as e:
+                raise DataError(f"[data] source {self.source!r}: {self.path} is not a valid JSON array "
+                                f"({getattr(e, 'msg', e)}); fix it or write it as JSON Lines") from None
+            if not isinstance(records, list):
+                raise DataError(f"[data] source {self.source!r}: {self.path} is JSON but not an array of "
+                                "records; write it as JSON Lines (one record per line)")
+            self._records = records
+        return self._records
+
+    def segments(self) -> list[tuple[int, int]]:
+        n = len(self._open())
+        self._records = None
+        return [(0, n)] if n else []
+
+    def chunks(self, start: int, stop: int) -> Iterator[Chunk]:
+        records = self._open()
+        for a in range(start, stop, CHUNK_RECORDS):
+            chunk = Chunk([], [])
+            for i in range(a, min(a + CHUNK_RECORDS, stop)):
+                r = records[i]
+                if not isinstance(r, dict):
+                    value, why = None, f"not a JSON object (a {type(r).__name__})"
+                elif self.text_field not in r:
+                    value, why = None, f"no field {self.text_field!r}"
+                else:
+                    value, why = _check_value(r[self.text_field], self.text_field)
+                if value is None:
+                    chunk.bad[len(chunk.values)] = why
+                chunk.values.append(value)
+                chunk.locs.append(i)
+            yield chunk
+
+    def locate(self, loc: int) -> str:
+        return f"{self.path}:element {loc}"
+
+
+def _is_json_array(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        while not head:
+            block = f.read(4096)
+            if not block:
+                return False
+            head = block.lstrip(b" \t\r\n")
+    return head.startswith(b"[")
+
+
+# -- ready token documents and Hub streams ------------------------------------------------
+
+class TokenRows:
+    """Adapter: a :class:`RowShard` of ready token documents as a :class:`Shard`."""
+
+    unit = "rows"
+    tokenized = True
+
+    def __init__(self, shard: RowShard):
+        self.shard = shard
+        self.path = shard.path
+
+    def segments(self) -> list[tuple[int, int]]:
+        n = len(self.shard)
+        return [(0, n)] if n else []
+
+    def chunks(self, start: int, stop: int) -> Iterator[Chunk]:
+        for a in range(start, stop, CHUNK_RECORDS):
+            rows = np.arange(a, min(a + CHUNK_RECORDS, stop), dtype=np.int64)
+            docs = self.shard.read(rows)
+            yield Chunk([tokens for tokens, _ in docs], rows.tolist())
+
+    def holdout_hashes(self, rows: np.ndarray) -> np.ndarray | None:
+        fn = getattr(self.shard, "holdout_hashes", None)
+        return fn(rows) if fn is not None else None
+
+    def locate(self, loc: int) -> str:
+        return f"{self.path}:doc {loc}"
+
+
+class HubShard:
+    """Data file ``index`` of ``n`` of a streamed ``datasets`` split (one range).
+
+    ``keep = (stride, offset)``: keep only records ``offset, offset + stride, ...``
+    (used when the split has fewer files than there are readers).
+    """
+
+    unit = "shards"
+    tokenized = False
+
+    def __init__(self, dataset: Any, index: int, n: int, text_field: str, name: str):
+        self.dataset, self.index, self.n, self.text_field = dataset, index, n, text_field
+        self.path = f"{name} (file {index + 1} of {n})"
+        self.keep = (1, 0)
+
+    def segments(self) -> list[tuple[int, int]]:
+        return [(0, 1)]
+
+    def chunks(self, start: int, stop: int) -> Iterator[Chunk]:
+        stride, offset = self.keep
+        part = self.dataset.shard(num_shards=self.n, index=self.index, contiguous=True)
+        chunk = Chunk([], [])
+        i = -1
+        records = iter(part)
+        while True:
+            try:
+                record = next(records)
+            except StopIteration:
+                break
+            except Exception as e:  # a broken file of the stream: nothing after it is readable
+                chunk.bad[len(chunk.values)] = (f"unreadable from here on ({type(e).__name__}: "
+                                                f"{' '.join(str(e).split())[:200]}); rest of the file skipped")
+                chunk.values.append(None)
+                chunk.locs.append(i + 1)
+                break
+            i += 1
+            if i % stride != offset:
+                continue
+            value, why = (_check_value(record.get(self.text_field), self.text_field)
+                          if self.text_field in record else (None, f"no field {self.text_field!r}"))
+            if value is None:
+                chunk.bad[len(chunk.values)] = why
+            chunk.values.append(value)
+            chunk.locs.append(i)
+            if len(chunk.values) == CHUNK_RECORDS:
+                yield chunk
+                chunk = Chunk([], [])
+        if chunk.values:
+            yield chunk
+
+    def locate(self, loc: int) -> str:
+        return f"{self.path}:record {loc}"
+
+
+def open_hub_stream(spec: SourceSpec) -> Any:
+    """The split of ``spec`` as a ``datasets`` IterableDataset (streaming: nothing downloaded whole)."""
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(spec.location, split=spec.split, streaming=True)
+    except Exception as e:
+        raise DataError(f"[data] source {spec.name!r}: cannot open {spec.location!r} split {spec.split!r} "
+                        f"for streaming ({type(e).__name__}: {' '.join(str(e).split())[:300]}); check the "
+                        "id, the split ([data] splits) and the network") from None
+    names = ds.column_names
+    if names is not None and spec.text_field not in names:
+        raise _missing_field(spec.name, spec.location, spec.text_field, list(names))
+    if names is not None:
+        ds = ds.select_columns([spec.text_field])
+    return ds
+
+
+# -- the plan --------------------------------------------------------------------------------
 
 def open_shards(spec: SourceSpec) -> list[Shard]:
-    """Every shard of ``spec`` (a file each; the whole split for a Hub id)."""
-    if spec.kind in ("jsonl", "txt"):
-        return [LineShard(f, spec.text_field, spec.kind == "jsonl") for f in spec.files]
+    """The shards of ``spec`` (unopened: files are opened when read)."""
     if spec.kind == "hub":
-        return [ArrowShard(spec, spec.location)]
-    return [ArrowShard(spec, f) for f in spec.files]
+        ds = open_hub_stream(spec)
+        n = max(int(ds.n_shards), 1)
+        return [HubShard(ds, i, n, spec.text_field, f"{spec.location}[{spec.split}]") for i in range(n)]
+    if spec.kind == "tokens":
+        from ext.data.tokenized import TokenShard
+
+        return [TokenRows(TokenShard(f)) for f in spec.files]
+    shards: list[Shard] = []
+    for f in spec.files:
+        lower = f.lower()
+        compressed = os.path.splitext(lower)[1] in COMPRESSED
+        if spec.kind == "parquet":
+            shards.append(ParquetShard(f, spec.text_field, spec.name))
+        elif spec.kind == "arrow":
+            shards.append(ArrowShard(f, spec.text_field, spec.name))
+        elif spec.kind == "txt" or lower.endswith((".txt", ".txt.gz", ".txt.zst")):
+            shards.append((CompressedLineShard if compressed else PlainLineShard)(f, spec.text_field, False))
+        elif lower.endswith(".json") and _is_json_array(f):
+            shards.append(JsonArrayShard(f, spec.text_field, spec.name))
+        else:
+            shards.append((CompressedLineShard if compressed else PlainLineShard)(f, spec.text_field, True))
+    return shards
 
 
-def split_is_by_shard(n_shards: int, n_readers: int) -> bool:
-    return n_shards % n_readers == 0
+@dataclass
+class Plan:
+    """A source cut into ranges: range ``i`` is records ``[start[i], stop[i])`` of
+    ``shards[file[i]]`` in the shards' ``unit``. Built once (:func:`plan_source`)
+    and handed to every reader; compact (20 bytes a range)."""
+
+    spec: SourceSpec
+    shards: list[Shard]
+    file: np.ndarray  # int32
+    start: np.ndarray  # int64
+    stop: np.ndarray  # int64
+    unit: str
+
+    def __len__(self) -> int:
+        return len(self.file)
+
+    @property
+    def total(self) -> int:
+        return int((self.stop - self.start).sum())
+
+    def has_records(self) -> bool:
+        """Whether any range holds a record (plain text files: a non-blank byte)."""
+        if self.unit != "bytes":
+            return len(self) > 0
+        for shard in self.shards:
+            with open(shard.path, "rb") as f:
+                while block := f.read(_BLOCK):
+                    if block.strip():
+                        return True
+        return False
 
 
-def reader_records(lengths: list[int], reader: int, n_readers: int) -> tuple[np.ndarray, np.ndarray]:
-    """(shard index, row) of every record that ``reader`` owns, in shard order."""
-    n_shards = len(lengths)
-    if split_is_by_shard(n_shards, n_readers):
-        mine = range(reader, n_shards, n_readers)
-        shard_ids = [np.full(lengths[s], s, np.int32) for s in mine]
-        rows = [np.arange(lengths[s], dtype=np.int64) for s in mine]
-    else:
-        bounds = np.concatenate(([0], np.cumsum(lengths)))
-        global_rows = np.arange(reader, bounds[-1], n_readers, dtype=np.int64)
-        shard_of = np.searchsorted(bounds, global_rows, side="right") - 1
-        shard_ids = [shard_of.astype(np.int32)]
-        rows = [global_rows - bounds[shard_of]]
-    if not shard_ids:
-        return np.zeros(0, np.int32), np.zeros(0, np.int64)
-    return np.concatenate(shard_ids), np.concatenate(rows)
+def range_size(total: int, unit: str) -> int:
+    """Units per range: total / MIN_RANGES, within [1, MAX_RANGE[unit]]."""
+    return int(min(MAX_RANGE[unit], max(1, math.ceil(total / MIN_RANGES))))
+
+
+def plan_ranges(segments: list[list[tuple[int, int]]], unit: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(file, start, stop) of every range: each segment cut into equal parts of at
+    most :func:`range_size` units (independent of the reader count)."""
+    total = sum(b - a for segs in segments for a, b in segs)
+    target = range_size(total, unit)
+    files, starts, stops = [], [], []
+    for f, segs in enumerate(segments):
+        for a, b in segs:
+            n = math.ceil((b - a) / target)
+            edges = a + (np.arange(n + 1, dtype=np.int64) * (b - a)) // n
+            files.append(np.full(n, f, np.int32))
+            starts.append(edges[:-1])
+            stops.append(edges[1:])
+    if not files:
+        return np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(files), np.concatenate(starts), np.concatenate(stops)
+
+
+def plan_source(spec: SourceSpec, shards: list[Shard] | None = None) -> Plan:
+    """Plan ``spec`` (or the given shards: e.g. :class:`TokenRows` of token shards)."""
+    shards = open_shards(spec) if shards is None else shards
+    units = {s.unit for s in shards}
+    if len(units) > 1:  # plain and compressed line files together: count every file's lines
+        shards = [CompressedLineShard(s.path, s.text_field, s.is_json) if isinstance(s, PlainLineShard) else s
+                  for s in shards]
+        units = {"lines"}
+    unit = units.pop() if units else "rows"
+    file, start, stop = plan_ranges([s.segments() for s in shards], unit)
+    return Plan(spec, shards, file, start, stop, unit)
+
+
+def _source_key(name: str) -> int:
+    return zlib.crc32(name.encode("utf-8"))
 
 
 class Source:
-    """One source as seen by one reader: yields tokenized documents in order.
+    """One source as seen by one reader: yields documents in a fixed order.
 
-    ``next_document()`` returns the next record's document from ``encoder``
-    (see :mod:`ext.data.encoders`) or None once the source is spent under
-    ``on_exhaustion = "drop"``. ``state()``/``restore()`` capture the exact
-    position. Malformed records follow ``bad_records``; samples the encoder
-    refuses (SFT policy) are skipped and counted in ``refused``.
+    ``next_document()`` returns the next record's document (int32 tokens,
+    from ``encoder`` or ready in the shard) or None once the source is spent
+    under ``on_exhaustion = "drop"``. ``state()``/``restore()`` capture the
+    exact position ``(epoch, range, pos)``. Malformed records follow
+    ``bad_records``; samples the encoder refuses (SFT policy) are skipped
+    and counted in ``refused``.
     """
 
     def __init__(
         self,
-        spec: SourceSpec,
+        plan: Plan,
         index: int,
-        shards: list[Shard],
         reader: int,
         n_readers: int,
         encoder: Any,
@@ -186,116 +794,203 @@ class Source:
         shuffle: bool,
         bad_records: str,
     ):
-        self.spec = spec
+        self.plan = plan
+        self.spec = plan.spec
         self.index = index
-        self.shards = shards
         self.encoder = encoder
         self.seed = seed
         self.reader = reader
+        self.n_readers = n_readers
         self.shuffle = shuffle
         self.bad_records = bad_records
-        self.shard_ids, self.rows = reader_records([len(s) for s in shards], reader, n_readers)
+        self.key = _source_key(plan.spec.name)
+        # A Hub split with fewer files than readers: everyone streams it all, keeping every R-th record.
+        self.striped = plan.unit == "shards" and len(plan) < n_readers
+        self.shards = list(plan.shards)
+        if self.striped:
+            self.shards = [copy.copy(s) for s in plan.shards]
+            for shard in self.shards:
+                shard.keep = (n_readers, reader)
         self.epoch = 0
-        self.pos = 0
+        self.k = 0  # index of the current range among this reader's ranges of the epoch
+        self.pos = 0  # records of that range consumed
         self.bad_count = 0
         self.refused: dict[str, int] = {}
-        self._order = self._permutation(0)
-        self._queue: deque[tuple[int, np.ndarray | None]] = deque()
+        self._mine = self._my_ranges(0)
+        self._queue: deque[tuple[int, int, np.ndarray | None]] = deque()
+        self._fill_k, self._fill_pos = 0, 0
+        self._chunks: Iterator[Chunk] | None = None
+        self._chunk: Chunk | None = None
+        self._chunk_base = 0  # position of the current chunk's first record in its range
+        self._chunk_at = 0  # next record of the current chunk to encode
         self._produced = False  # a document came out in this epoch (unknown after restore: True)
 
     def __len__(self) -> int:
-        return len(self.rows)
+        """Ranges this reader reads in the current epoch."""
+        return len(self._mine)
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        n = len(self.rows)
-        if not self.shuffle:
-            return np.arange(n, dtype=np.int64)
-        rng = np.random.default_rng([self.seed, self.index, self.reader, epoch])
-        return rng.permutation(n)
+    def _my_ranges(self, epoch: int) -> np.ndarray:
+        n = len(self.plan)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.key, epoch]).permutation(n)
+        else:
+            order = np.arange(n, dtype=np.int64)
+        return order if self.striped else order[self.reader :: self.n_readers]
 
     def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "pos": self.pos, "bad": self.bad_count}
+        return {"epoch": self.epoch, "range": self.k, "pos": self.pos, "bad": self.bad_count}
 
     def restore(self, state: dict[str, int]) -> None:
         if state["epoch"] != self.epoch:
-            self._order = self._permutation(state["epoch"])
-        self.epoch, self.pos, self.bad_count = state["epoch"], state["pos"], state["bad"]
+            self._mine = self._my_ranges(state["epoch"])
+        self.epoch, self.k, self.pos, self.bad_count = state["epoch"], state["range"], state["pos"], state["bad"]
         self._queue.clear()
+        self._seek(self.k, self.pos)
         self._produced = True
 
-    def _fill(self) -> None:
-        start = self.pos + len(self._queue)
-        picks = self._order[start : start + _TOKENIZE_BATCH]
-        if len(picks) == 0:
-            return
-        shard_ids, rows = self.shard_ids[picks], self.rows[picks]
-        results: list[tuple[Any, str]] = [(None, "")] * len(picks)
-        for s in np.unique(shard_ids):
-            where = np.flatnonzero(shard_ids == s)
-            for i, item in zip(where, self.shards[s].read(rows[where])):
-                results[i] = item
-        good = [i for i, (value, _) in enumerate(results) if value is not None]
-        other_side = self._other_side_of_holdout(results, good)
-        good = [i for i in good if i not in other_side]
-        docs: list[np.ndarray | Skip] = [Skip("", bad=True)] * len(picks)
-        for i, doc in zip(good, self.encoder.encode_batch([results[i][0] for i in good])):
-            docs[i] = doc
-        for k, doc in enumerate(docs):
-            if k in other_side:
-                doc = None
-            elif isinstance(doc, Skip):
-                where = results[k][1]
-                self._skip(doc, f"{where}: {doc.reason}" if doc.reason else where)
-                doc = None
-            self._queue.append((start + k, doc))
+    # -- reading ---------------------------------------------------------------------
+    def _seek(self, k: int, pos: int) -> None:
+        self._fill_k, self._fill_pos = k, pos
+        self._chunks, self._chunk = None, None
 
-    def _other_side_of_holdout(self, results: list[tuple[Any, str]], good: list[int]) -> set[int]:
-        """Records this reader skips: held out (training) or not held out (``heldout_only``)."""
-        if self.spec.holdout <= 0:
-            return set()
-        return {i for i in good if in_holdout(results[i][0], self.spec.holdout) != self.spec.heldout_only}
+    def _next_chunk(self) -> bool:
+        """Load the chunk holding record ``_fill_pos`` of range ``_fill_k``; False past the last range."""
+        while self._fill_k < len(self._mine):
+            g = int(self._mine[self._fill_k])
+            if self._chunks is None:
+                shard = self.shards[self.plan.file[g]]
+                self._chunks = shard.chunks(int(self.plan.start[g]), int(self.plan.stop[g]))
+                self._chunk_base, self._chunk_no = 0, 0
+                self._chunk = None
+            elif self._chunk is not None:
+                self._chunk_base += len(self._chunk.values)
+                self._chunk_no += 1
+            chunk = next(self._chunks, None)
+            if chunk is None:  # range done: the next one starts at its record 0
+                self._fill_k, self._fill_pos = self._fill_k + 1, 0
+                self._chunks = self._chunk = None
+                continue
+            self._chunk = chunk
+            if self._chunk_base + len(chunk.values) <= self._fill_pos:
+                continue  # restoring: skip whole chunks already consumed
+            if self.shuffle:
+                perm = np.random.default_rng([self.seed, self.key, self.epoch, g, self._chunk_no]).permutation(
+                    len(chunk.values))
+                chunk.values = [chunk.values[i] for i in perm]
+                chunk.locs = [chunk.locs[i] for i in perm]
+                where = {int(j): i for j, i in enumerate(perm)}
+                chunk.bad = {j: chunk.bad[i] for j, i in where.items() if i in chunk.bad}
+            self._chunk_at = self._fill_pos - self._chunk_base
+            return True
+        return False
 
-    def _skip(self, skip: Skip, why: str) -> None:
+    def _fill(self) -> bool:
+        """Encode the next batch of records into the queue; False at the end of the epoch."""
+        if self._chunk is None or self._chunk_at >= len(self._chunk.values):
+            if not self._next_chunk():
+                return False
+        chunk, a = self._chunk, self._chunk_at
+        b = min(a + _TOKENIZE_BATCH, len(chunk.values))
+        shard = self.shards[self.plan.file[int(self._mine[self._fill_k])]]
+        docs = self._encode(shard, chunk, a, b)
+        for i, doc in zip(range(a, b), docs):
+            self._queue.append((self._fill_k, self._chunk_base + i + 1, doc))
+        self._chunk_at = b
+        self._fill_pos = self._chunk_base + b
+        return True
+
+    def _encode(self, shard: Shard, chunk: Chunk, a: int, b: int) -> list[np.ndarray | None]:
+        values = chunk.values[a:b]
+        good = [i for i, v in enumerate(values) if v is not None]
+        for i, v in enumerate(values):
+            if v is None:
+                self._skip(Skip(chunk.bad.get(a + i, "malformed"), bad=True), shard, chunk.locs[a + i])
+        if self.spec.holdout > 0:
+            good = [i for i in good if self._in_holdout(shard, values[i], chunk.locs[a + i]) == self.spec.heldout_only]
+        docs: list[np.ndarray | None] = [None] * len(values)
+        if shard.tokenized:
+            for i in good:
+                docs[i] = values[i]
+            return docs
+        encoded = self._encode_values([values[i] for i in good])
+        for i, doc in zip(good, encoded):
+            if isinstance(doc, Skip):
+                self._skip(doc, shard, chunk.locs[a + i])
+            else:
+                docs[i] = doc
+        return docs
+
+    def _encode_values(self, values: list[Any]) -> list[np.ndarray | Skip]:
+        try:
+            return self.encoder.encode_batch(values)
+        except Exception:  # the tokenizer refused the batch: find the record(s) it refuses
+            out: list[np.ndarray | Skip] = []
+            for v in values:
+                try:
+                    out.extend(self.encoder.encode_batch([v]))
+                except Exception as e:
+                    out.append(Skip(f"the tokenizer refused it ({type(e).__name__}: {e})", bad=True))
+            return out
+
+    def _in_holdout(self, shard: Shard, value: Any, loc: int) -> bool:
+        if shard.tokenized:
+            hashes = shard.holdout_hashes(np.array([loc]))
+            if hashes is None:
+                raise DataError(f"[eval] source {self.spec.name!r}: token shard {shard.path} has no content "
+                                "hashes, so no hash holdout can be carved out of it; hold out a separate "
+                                "[eval] dataset instead")
+            return bool(hashes[0] < self.spec.holdout)
+        return in_holdout(value, self.spec.holdout)
+
+    def _skip(self, skip: Skip, shard: Shard, loc: int) -> None:
         if not skip.bad:
             self.refused[skip.reason] = self.refused.get(skip.reason, 0) + 1
             n = sum(self.refused.values())
             if n <= _MAX_WARNINGS_PER_SOURCE or n & (n - 1) == 0:  # first few, then at powers of 2
                 logger.warning(
-                    f"[sft] source {self.spec.name!r} (reader {self.reader}): skipping sample at {why}; "
-                    f"skipped so far: {dict(self.refused)}"
+                    f"[sft] source {self.spec.name!r} (reader {self.reader}): skipping sample at "
+                    f"{shard.locate(loc)}: {skip.reason}; skipped so far: {dict(self.refused)}"
                 )
             return
         if self.bad_records == "error":
-            raise DataError(f"[data] source {self.spec.name!r}: bad record at {why}; "
-                            "fix the record or set [data] bad_records = \"skip\"")
+            raise DataError(f"[data] source {self.spec.name!r}: bad record at {shard.locate(loc)}: "
+                            f"{skip.reason}; fix the record or set [data] bad_records = \"skip\"")
         self.bad_count += 1
         if self.bad_count <= _MAX_WARNINGS_PER_SOURCE:
-            logger.warning(f"[data] source {self.spec.name!r}: skipping bad record at {why}")
+            logger.warning(f"[data] source {self.spec.name!r}: skipping bad record at "
+                           f"{shard.locate(loc)}: {skip.reason}")
+
+    def _new_epoch(self) -> None:
+        self.epoch += 1
+        self.k = self.pos = 0
+        self._mine = self._my_ranges(self.epoch)
+        self._queue.clear()
+        self._seek(0, 0)
+        logger.info(
+            f"[data] source {self.spec.name!r} (reader {self.reader}): epoch "
+            f"{self.epoch + 1} begins{' (reshuffled)' if self.shuffle else ''}"
+        )
 
     def next_document(self) -> np.ndarray | None:
         while True:
-            if self.pos >= len(self.rows):
-                if self.spec.on_exhaustion == "drop" or len(self.rows) == 0:
+            if not self._queue and not self._fill():
+                if self.spec.on_exhaustion == "drop" or len(self.plan) == 0:
+                    self.k, self.pos = len(self._mine), 0
                     return None
                 if not self._produced:  # restarting would loop forever
                     logger.warning(
                         f"[data] source {self.spec.name!r} (reader {self.reader}): a whole epoch gave "
-                        "no document (every record held out, malformed or refused); leaving the mixture"
+                        "no document (every record of its part held out, malformed or refused, or the "
+                        "part is empty); leaving the mixture"
                     )
                     return None
                 self._produced = False
-                self.epoch += 1
-                self.pos = 0
-                self._order = self._permutation(self.epoch)
-                self._queue.clear()
-                logger.info(
-                    f"[data] source {self.spec.name!r} (reader {self.reader}): epoch "
-                    f"{self.epoch + 1} begins{' (reshuffled)' if self.shuffle else ''}"
-                )
+                self._new_epoch()
+                continue
             if not self._queue:
-                self._fill()
-            pos, doc = self._queue.popleft()
-            self.pos = pos + 1
+                continue
+            k, pos, doc = self._queue.popleft()
+            self.k, self.pos = k, pos
             if doc is not None and len(doc):
                 self._produced = True
                 return doc

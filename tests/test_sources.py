@@ -1,0 +1,215 @@
+"""The reading layer: every format, one bad-record policy, the plan, balance, streaming.
+
+All on real files the tests write (gzip, zstd, parquet, arrow, JSON arrays)
+and the real tokenizer."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from tokenizers import Tokenizer
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from ext.data.config import Data, SourceSpec, resolve_sources
+from ext.data.dataset import PackedMixtureDataset
+from ext.data.encoders import TextEncoder
+from ext.data.loader import PackedDataLoader
+from ext.data.sources import Source, count_lines, plan_source
+from ext.errors import DataError
+
+from .conftest import TOKENIZER
+
+TOK = Tokenizer.from_file(str(TOKENIZER / "tokenizer.json"))
+BOS, EOS, PAD = 0, 1, 2
+
+
+def numbered(prefix: str, ids) -> list[str]:
+    return [f"{prefix}{i} " + "word " * (i % 5) for i in ids]
+
+
+def jsonl_bytes(records: list) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in records).encode()
+
+
+def write(path: Path, data: bytes) -> Path:
+    """``data`` to ``path``, compressed as its extension says (.gz, .zst)."""
+    if path.suffix == ".gz":
+        path.write_bytes(gzip.compress(data))
+    elif path.suffix == ".zst":
+        with pa.output_stream(str(path), compression="zstd") as out:
+            out.write(data)
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def write_table(path: Path, texts: list, row_group_size: int = 7, stream: bool = False) -> Path:
+    table = pa.table({"text": pa.array(texts, pa.string()), "n": list(range(len(texts)))})
+    if path.suffix == ".parquet":
+        pq.write_table(table, path, row_group_size=row_group_size)
+    else:
+        with pa.OSFile(str(path), "wb") as sink:
+            writer = (pa.ipc.new_stream if stream else pa.ipc.new_file)(sink, table.schema)
+            writer.write_table(table, max_chunksize=row_group_size)
+            writer.close()
+    return path
+
+
+def spec_of(location, **kw) -> SourceSpec:
+    (spec,) = resolve_sources(Data(datasets=[str(location)], on_exhaustion=["drop"], **kw))
+    return spec
+
+
+def read_all(spec: SourceSpec, reader=0, n_readers=1, bad_records="skip", shuffle=False, seed=0):
+    """Every document one reader gets in one pass, decoded."""
+    source = Source(plan_source(spec), 0, reader, n_readers, TextEncoder(TOK, None, None), seed, shuffle, bad_records)
+    out = []
+    while (doc := source.next_document()) is not None:
+        out.append(TOK.decode(doc.tolist()))
+    return out, source
+
+
+def make_dataset(specs, cfg: Data, seq_len=64, dp_rank=0, dp_world=1, seed=0):
+    return PackedMixtureDataset(specs, cfg, TextEncoder(TOK, BOS, EOS), PAD, seq_len, dp_rank, dp_world, seed)
+
+
+def doc_names(batches) -> list[str]:
+    names = []
+    for sample, _labels in batches:
+        inputs, segs = np.atleast_2d(sample["input"].numpy()), np.atleast_2d(sample["segment_ids"].numpy())
+        for x, s in zip(inputs, segs):
+            for seg in np.unique(s):
+                names += re.findall(r"[a-z]+\d+", TOK.decode(x[s == seg].tolist(), skip_special_tokens=True))
+    return names
+
+
+# -- every format reads the same documents ------------------------------------------------
+
+TEXTS = numbered("doc", range(30))
+LINE_FORMATS = ["a.jsonl", "a.jsonl.gz", "a.jsonl.zst", "a.json"]
+
+
+@pytest.mark.parametrize("name", LINE_FORMATS + ["a.txt", "a.txt.gz", "a.parquet", "arrow-file.arrow",
+                                                 "arrow-stream.arrow", "array.json"])
+def test_every_format_reads_every_record_once_in_order(tmp_path, name):
+    path = tmp_path / name
+    if name.endswith(".parquet") or name.endswith(".arrow"):
+        write_table(path, TEXTS, stream="stream" in name)
+    elif name == "array.json":
+        path.write_text(json.dumps([{"text": t} for t in TEXTS]))
+    elif ".txt" in name:
+        write(path, ("\n".join(TEXTS) + "\n").encode())
+    else:
+        write(path, jsonl_bytes([{"text": t} for t in TEXTS]))
+    docs, source = read_all(spec_of(path))
+    assert docs == TEXTS and source.bad_count == 0
+
+
+# -- one bad-record policy -------------------------------------------------------------------
+
+BAD_LINES = [
+    (b'{"text": "good0"}', None),
+    (b'{not json', "not valid JSON"),
+    (b'{"text": "caf\xe9"}', "not valid UTF-8 (byte 0xe9"),
+    (b'{"text": "lone \\ud800 surrogate"}', "field 'text' holds a lone surrogate (U+D800)"),
+    (b'{"text": null}', "field 'text' is null"),
+    (b'{"body": "x"}', "no field 'text'"),
+    (b'{"text": 7}', "field is not a string"),
+    (b'{"text": ""}', "empty text"),
+    (b'["text"]', "not a JSON object"),
+    (b'{"text": "good1"}', None),
+]
+
+
+@pytest.mark.parametrize("name", LINE_FORMATS)
+def test_bad_lines_are_skipped_counted_and_named_by_file_and_line(tmp_path, name, caplog):
+    path = write(tmp_path / name, b"\n".join(line for line, _ in BAD_LINES) + b"\n")
+    with caplog.at_level(logging.WARNING):
+        docs, source = read_all(spec_of(path))
+    assert docs == ["good0", "good1"]
+    assert source.bad_count == 8
+    for line_no, (_, why) in enumerate(BAD_LINES, 1):
+        if why is not None:
+            assert f"{path}:{line_no}: {why}" in caplog.text
+
+
+@pytest.mark.parametrize("line_no", [2, 3, 4, 5, 6, 7, 8, 9])
+def test_each_bad_line_stops_the_run_with_its_location_under_error(tmp_path, line_no):
+    lines = [b'{"text": "good"}'] * 12
+    lines[line_no - 1] = BAD_LINES[line_no - 1][0]
+    path = write(tmp_path / "a.jsonl.zst", b"\n".join(lines) + b"\n")
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))}:{line_no}: .*bad_records = \"skip\""):
+        read_all(spec_of(path), bad_records="error")
+
+
+def test_a_lone_surrogate_costs_only_its_record_not_its_batch(tmp_path):
+    records = [{"text": f"ok{i}"} for i in range(2000)]
+    records[1500] = {"text": "bad \ud800"}
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))  # json escapes it as \ud800
+    docs, source = read_all(spec_of(path))
+    assert len(docs) == 1999 and source.bad_count == 1
+
+
+def test_txt_with_a_non_utf8_byte_is_a_bad_record_not_a_replacement_character(tmp_path, caplog):
+    path = write(tmp_path / "a.txt", b"first line\nbad \xff byte\nlast line\n")
+    with caplog.at_level(logging.WARNING):
+        docs, source = read_all(spec_of(path))
+    assert docs == ["first line", "last line"] and source.bad_count == 1
+    assert f"{path}:2: not valid UTF-8 (byte 0xff at column 5)" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["a.parquet", "a.arrow"])
+def test_columnar_bad_values_are_skipped_and_named_by_row(tmp_path, name, caplog):
+    path = write_table(tmp_path / name, ["good0", None, "", "good1"], row_group_size=3)
+    with caplog.at_level(logging.WARNING):
+        docs, source = read_all(spec_of(path))
+    assert docs == ["good0", "good1"] and source.bad_count == 2
+    assert f"{path}:row 1: field 'text' is null" in caplog.text and f"{path}:row 2: empty text" in caplog.text
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))}:row 1: field 'text' is null"):
+        read_all(spec_of(path), bad_records="error")
+
+
+def test_a_json_file_beside_jsonl_files_follows_the_same_policy(tmp_path, caplog):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    write(folder / "a.jsonl", jsonl_bytes([{"text": "alpha0"}]) + b"{broken\n")
+    write(folder / "b.json", jsonl_bytes([{"text": "bravo0"}, {"text": None}]))
+    with caplog.at_level(logging.WARNING):
+        docs, source = read_all(spec_of(folder))
+    assert sorted(docs) == ["alpha0", "bravo0"] and source.bad_count == 2
+    assert f"{folder / 'a.jsonl'}:2: not valid JSON" in caplog.text
+    assert f"{folder / 'b.json'}:2: field 'text' is null" in caplog.text
+
+
+def test_missing_column_is_one_clear_error(tmp_path):
+    path = write_table(tmp_path / "a.parquet", ["x"])
+    with pytest.raises(DataError, match=r"has no field 'body' \(columns: \['text', 'n'\]\); set \[data\] text_fields"):
+        plan_source(spec_of(path, text_fields=["body"]))
+
+
+def test_parquet_is_read_in_place_not_copied_into_a_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    path = write_table(tmp_path / "a.parquet", TEXTS)
+    docs, _ = read_all(spec_of(path))
+    assert docs == TEXTS and not cache.exists()
+
+
+def test_compressed_line_counts_are_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
+    monkeypatch.setenv("EXT_DATA_CACHE", str(tmp_path / "cache"))
+    path = write(tmp_path / "a.jsonl.zst", jsonl_bytes([{"text": t} for t in TEXTS]))
+    assert count_lines(str(path)) == 30
+    assert len(os.listdir(tmp_path / "cache")) == 1
+    write(path, jsonl_bytes([{"text": t} for t in TEXTS[:10]]))
+    os.utime(path, ns=(1, 1))  # a changed file is counted again
+    assert count_lines(str(path)) == 10
