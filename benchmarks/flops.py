@@ -8,11 +8,15 @@ batch of synthetic web-like documents (lognormal lengths, median 400 tokens,
 5% longer than 2048; best-fit packed into rows of ``seq_len + 1``), with
 attention within documents (document masking) or causal over the row.
 ``overcount`` is torchtitan's FLOPs of a step over ours minus 1 (for packed
-batches torchtitan counts every row token, ours the trained work). Then the
-time :func:`ext.flops.attention_counts` adds per row in the loader.
+batches torchtitan counts every row token, padding included, ours the
+non-padding ones); ``mfu_palm_over_mfu_exact`` is how much higher a run's
+``mfu_palm`` (the PaLM / torchtitan convention, per non-padding token) reads
+than its ``mfu_exact``. Then the time :func:`ext.flops.attention_counts` adds
+per row in the loader.
 
 Prints a table, then one JSON object as the last line:
-``{"cases": [{model, seq_len, attention, ours, torchtitan, overcount}, ...],
+``{"cases": [{model, seq_len, attention, ours, torchtitan, overcount,
+mfu_palm_over_mfu_exact}, ...],
 "attention_counts_us_per_row": {seq_len: microseconds}}``.
 """
 
@@ -69,15 +73,18 @@ def main() -> None:
             r = report(flavor_args, seq_len, masked=False, docs=args.docs)
             cases.append({"model": label, "seq_len": seq_len, "attention": "causal, full rows",
                           "ours": r["flops_per_token_causal"], "torchtitan": r["torchtitan_flops_per_token"],
-                          "overcount": r["torchtitan_overcount_causal"]})
+                          "overcount": r["torchtitan_overcount_causal"],
+                          "mfu_palm_over_mfu_exact": r["mfu_palm_over_mfu_exact_causal"]})
             r = report(flavor_args, seq_len, masked=True, docs=args.docs)
             cases.append({"model": label, "seq_len": seq_len, "attention": "documents, web-like packed",
                           "ours": r["flops_per_token_packed"], "torchtitan": r["torchtitan_flops_per_token"],
-                          "overcount": r["torchtitan_overcount_packed"]})
-    print(f"{'model':22}{'seq_len':>8}  {'attention':28}{'ours':>12}{'torchtitan':>12}{'overcount':>11}")
+                          "overcount": r["torchtitan_overcount_packed"],
+                          "mfu_palm_over_mfu_exact": r["mfu_palm_over_mfu_exact_packed"]})
+    print(f"{'model':22}{'seq_len':>8}  {'attention':28}{'ours':>12}{'torchtitan':>12}{'overcount':>11}"
+          f"{'palm/exact':>12}")
     for c in cases:
         print(f"{c['model']:22}{c['seq_len']:>8}  {c['attention']:28}{c['ours']:>12.4e}"
-              f"{c['torchtitan']:>12.4e}{100 * c['overcount']:>+10.1f}%")
+              f"{c['torchtitan']:>12.4e}{100 * c['overcount']:>+10.1f}%{c['mfu_palm_over_mfu_exact']:>12.3f}")
     cost = {seq: counting_cost(seq) for seq in (2048, 8192, 32768)}
     print("attention_counts per row: " + ", ".join(f"{s}: {us:.0f} us" for s, us in cost.items()))
     print(json.dumps({"cases": cases, "attention_counts_us_per_row": cost, "docs": args.docs}))

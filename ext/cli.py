@@ -195,6 +195,8 @@ def _flops(args: argparse.Namespace, config_argv: list[str]) -> int:
     from ext.flops import flops_report
 
     r = flops_report(load_job_config(config_argv), args.packed, docs=args.docs, rows=args.rows)
+    if r["packed_note"]:
+        print(f"note: {r['packed_note']}", file=sys.stderr)
     if args.json:
         print(json.dumps(r))
         return 0
@@ -207,12 +209,16 @@ def _flops(args: argparse.Namespace, config_argv: list[str]) -> int:
     print(f"{'FLOPs/token, full causal rows':34}{r['flops_per_token_causal']:>14.4e}{tt:>14.4e}"
           f"  (+{100 * r['torchtitan_overcount_causal']:.1f}%)")
     over = r["torchtitan_overcount_packed"]
-    print(f"{'FLOPs/trained token, packed batch':34}{r['flops_per_token_packed']:>14.4e}{tt:>14.4e}"
+    print(f"{'FLOPs/token, packed batch':34}{r['flops_per_token_packed']:>14.4e}{tt:>14.4e}"
           + (f"  (+{100 * over:.1f}% per step)" if over is not None else ""))
+    print(f"{'FLOPs/token, PaLM convention':34}{r['flops_per_token_palm']:>14.4e}"
+          f"  (mfu_palm = mfu_exact x {r['mfu_palm_over_mfu_exact_causal']:.3f} causal, "
+          f"x {r['mfu_palm_over_mfu_exact_packed'] or float('nan'):.3f} packed)")
     print(f"packed batch: {r['packed_rows']} rows ({r['packed_source']}), attention "
           f"{'within documents' if r['packed_attention'] == 'documents' else 'causal over the row'}, "
-          f"{100 * r['packed_trained_fraction']:.2f}% of tokens trained, "
-          f"{r['packed_pairs_per_trained_token']:.1f} keys per trained query")
+          f"{100 * r['packed_real_fraction']:.2f}% of tokens not padding, "
+          f"{100 * r['packed_trained_fraction']:.2f}% trained, "
+          f"{r['packed_pairs_per_token']:.1f} keys per query")
     if r["params_of_built_model"] != r["params_total"]:
         print(f"warning: the built model has {r['params_of_built_model']:,} parameters", file=sys.stderr)
     return 0

@@ -18,15 +18,21 @@ A100's peak. This module counts instead, for each batch:
   layer, training ``12 L H d_head``): ``q . k`` and ``p . v`` for every query
   head (GQA does not shrink these). Pairs are counted exactly from the
   batch's segments (:func:`attention_counts`).
-* **Trained work only.** Model FLOPs are those of the tokens whose label is
-  not -100: ``6 M`` per trained token plus ``12 L H d_head`` per key each
-  trained query attends to. Padding and the last token of each document
-  (whose label the loader drops) are excluded; for segments whose queries are
-  all trained this is the spec's ``sum len (len + 1) / 2``.
+* **Every token that runs through the model.** Model FLOPs are those of the
+  non-padding tokens, trained or not: ``6 M`` per token plus ``12 L H
+  d_head`` per key each of them attends to (``sum len (len + 1) / 2`` per
+  segment). An SFT prompt (labels -100) and each document's last token are
+  computed forward and backward like any other, so they count; padding does
+  not.
+* **Two MFUs.** ``mfu_exact`` divides these exact FLOPs by the peak;
+  ``mfu_palm`` uses the PaLM / torchtitan convention instead, ``6 N + 12 L
+  H d_head S`` per non-padding token with ``S = seq_len`` and ``N`` the
+  parameters torchtitan counts (:meth:`FlopsModel.palm_flops_per_token`): it
+  is the figure to compare with published MFU.
 * **Hardware FLOPs** add what activation checkpointing recomputes in the
-  backward (:meth:`FlopsModel.recompute_flops`), on the same trained-work
-  basis. Work the attention kernel repeats internally (flash/flex backward
-  recomputing ``q . k``) and work on padding are in neither figure.
+  backward (:meth:`FlopsModel.recompute_flops`), on the exact basis. Work the
+  attention kernel repeats internally (flash/flex backward recomputing ``q .
+  k``) and work on padding are in neither figure.
 * **Peak** dense TFLOP/s per device (:data:`PEAK_TFLOPS_BF16`), from
   ``torch.cuda.get_device_name()`` and its properties (never ``lspci``),
   doubled for fp8 where the device has fp8 tensor cores and a float8/MX
@@ -230,7 +236,7 @@ class Recompute:
 class FlopsModel:
     """Training FLOPs of a model, from its :class:`ModelShape`.
 
-    ``tokens`` and ``pairs`` are the trained tokens of a batch and the
+    ``tokens`` and ``pairs`` are the non-padding tokens of a batch and the
     (query, key) pairs their queries attend to; all FLOPs are forward +
     backward (backward = 2 x forward for every product) unless named forward.
     """
@@ -271,15 +277,31 @@ class FlopsModel:
         return 12 * s.n_layers * s.n_heads * s.head_dim
 
     def model_flops(self, tokens: float, pairs: float) -> float:
-        """Forward + backward FLOPs of ``tokens`` trained tokens attending ``pairs`` pairs."""
+        """Forward + backward FLOPs of ``tokens`` tokens attending ``pairs`` pairs (exact count)."""
         return 6 * self.matmul_weights_per_token() * tokens + self.attention_flops_per_pair() * pairs
 
     def attention_flops(self, pairs: float) -> float:
         return self.attention_flops_per_pair() * pairs
 
     def causal_flops_per_token(self, seq_len: int) -> float:
-        """Model FLOPs per token of full causal rows of ``seq_len`` tokens, all trained."""
+        """Exact model FLOPs per token of full causal rows of ``seq_len`` tokens."""
         return self.model_flops(seq_len, causal_pairs(seq_len)) / seq_len
+
+    def palm_params(self) -> int:
+        """``N`` of the PaLM convention as torchtitan 0.2.2 counts it
+        (``get_dense_model_nparams_and_flops`` / ``get_moe_model_nparams_and_flops``):
+        the parameters a token uses (norms and, untied, the LM head included; the
+        routed experts it is not sent to left out), less the embedding. A tied head
+        *is* the embedding, so torchtitan leaves it out of ``N``."""
+        p = self.params
+        return p.active - p.embedding
+
+    def palm_flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token in the PaLM / torchtitan convention:
+        ``6 N + 12 L H d_head S`` with ``S = seq_len`` (every token attends to all
+        ``S`` positions: no causal halving, no document mask, no window). Equal to
+        torchtitan's own ``get_nparams_and_flops`` per-token figure."""
+        return 6 * self.palm_params() + self.attention_flops_per_pair() * seq_len
 
     def _block_forward(self, moe: bool, tokens: float, pairs: float) -> float:
         s = self.shape
@@ -342,44 +364,53 @@ class FlopsModel:
 
 @dataclass(frozen=True)
 class AttentionCounts:
+    real_tokens: int
+    """Non-padding tokens: they run through the model forward and backward."""
     trained_tokens: int
-    """Tokens whose label is not -100."""
+    """Non-padding tokens whose label is not -100."""
     pairs: int
-    """Keys attended by the trained queries when attention is confined to segments."""
+    """Keys attended by the non-padding queries when attention is confined to segments."""
     pairs_causal: int
-    """Keys attended by the trained queries under plain causal attention over the row."""
+    """Keys attended by the non-padding queries under plain causal attention over the row."""
 
 
-def attention_counts(segment_ids: Any, labels: Any) -> AttentionCounts:
-    """Trained tokens and attended pairs of rows (``[S]`` or ``[B, S]`` arrays or tensors).
+def attention_counts(segment_ids: Any, labels: Any, valid: Any = None) -> AttentionCounts:
+    """Tokens and attended pairs of rows (``[S]`` or ``[B, S]`` arrays or tensors).
 
-    A segment is a run of equal ids within a row; a query attends to the
-    keys of its own segment up to itself, so a query at offset ``j`` of its
-    segment attends ``j + 1`` keys (``j + 1`` = its row position + 1 under
-    plain causal attention). Only queries whose label is not -100 count, so
-    a segment of ``n`` tokens with all labels trained contributes
-    ``n (n + 1) / 2`` pairs and padding contributes none.
+    ``valid`` (bool, same shape; None: every token) marks the tokens that are
+    not padding. A segment is a run of equal ids within a row; a query
+    attends to the keys of its own segment up to itself, so a query at offset
+    ``j`` of its segment attends ``j + 1`` keys (``j + 1`` = its row position
+    + 1 under plain causal attention). Every non-padding query counts, trained
+    or not (an SFT prompt is computed like the answer), so a segment of ``n``
+    real tokens contributes ``n (n + 1) / 2`` pairs and padding contributes
+    none. ``labels`` (-100 = not trained) only give ``trained_tokens``.
     """
     seg = np.asarray(segment_ids)
     lab = np.asarray(labels)
-    if seg.shape != lab.shape:
-        raise ValueError(f"segment_ids {seg.shape} and labels {lab.shape} differ in shape")
+    real = np.ones(seg.shape, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+    if seg.shape != lab.shape or seg.shape != real.shape:
+        raise ValueError(
+            f"segment_ids {seg.shape}, labels {lab.shape} and valid {real.shape} differ in shape"
+        )
     n = seg.shape[-1] if seg.ndim else 0
     if seg.size == 0:
-        return AttentionCounts(0, 0, 0)
+        return AttentionCounts(0, 0, 0, 0)
     seg = seg.reshape(-1, n)
-    trained = (lab != IGNORE_INDEX).reshape(-1)
+    real = real.reshape(-1)
+    trained = (lab.reshape(-1) != IGNORE_INDEX) & real
     position = np.arange(1, n + 1, dtype=np.int64)  # keys under plain causal attention
-    causal = int(np.tile(position, seg.shape[0])[trained].sum())
+    causal = int(np.tile(position, seg.shape[0])[real].sum())
     # A query at row position p in a segment starting at s attends p + 1 - s keys:
-    # subtract s once per trained query of each segment.
+    # subtract s once per real query of each segment.
     new = np.ones(seg.shape, dtype=bool)
     new[:, 1:] = seg[:, 1:] != seg[:, :-1]
     starts = np.flatnonzero(new)
-    trained_per_segment = np.add.reduceat(trained.astype(np.int64), starts)
+    real_per_segment = np.add.reduceat(real.astype(np.int64), starts)
     return AttentionCounts(
+        real_tokens=int(real.sum()),
         trained_tokens=int(trained.sum()),
-        pairs=causal - int((starts % n) @ trained_per_segment),
+        pairs=causal - int((starts % n) @ real_per_segment),
         pairs_causal=causal,
     )
 
@@ -507,10 +538,15 @@ class FlopsMeter:
     One per metrics processor. :meth:`window` takes the tokens torchtitan
     counted since the last log, the loader's summed row statistics of the
     same batches (``None`` with torchtitan's own loader: every token is then
-    trained and every row one causal segment of ``seq_len``) and the seconds
-    since the last log, and returns per-device metrics. ``masked`` says
-    whether the model confines attention to segments (then pairs within
+    real and trained and every row one causal segment of ``seq_len``) and the
+    seconds since the last log, and returns per-device metrics. ``masked``
+    says whether the model confines attention to segments (then pairs within
     segments count, else plain causal pairs over the row).
+
+    Two model-FLOPs figures, each named: ``exact`` (matmuls plus the pairs
+    really attended) and ``palm`` (``6 N + 12 L H d_head S`` per token, the
+    PaLM / torchtitan convention that published MFU uses), both over the
+    non-padding tokens; ``mfu_exact`` and ``mfu_palm`` divide them by the peak.
     """
 
     def __init__(self, model: FlopsModel, peak: Peak, recompute: Recompute, masked: bool,
@@ -521,7 +557,9 @@ class FlopsMeter:
         self.masked = masked
         self.seq_len = seq_len
         self.devices_per_batch = max(devices_per_batch, 1)
-        self.timed = {"trained": 0.0, "model": 0.0, "hardware": 0.0, "hardware_known": True}
+        self.palm_per_token = model.palm_flops_per_token(seq_len)
+        self.timed = {"real": 0.0, "trained": 0.0, "exact": 0.0, "palm": 0.0, "hardware": 0.0,
+                      "hardware_known": True}
         self.last: dict[str, float] = {}
 
     def describe(self) -> str:
@@ -529,50 +567,57 @@ class FlopsMeter:
         attention = "within segments" if self.masked else "causal"
         peak = self.peak.describe() if self.peak.tflops is not None else "MFU n/a"
         return (
-            f"{self.model.causal_flops_per_token(seq):.4g} model FLOPs per token of a full causal "
-            f"row of {seq} (counted per batch: trained tokens, pairs {attention}); "
-            f"hardware FLOPs with {self.recompute.describe()}; {peak}"
+            f"model FLOPs per token of a full causal row of {seq}: exact "
+            f"{self.model.causal_flops_per_token(seq):.4g} (counted per batch: non-padding tokens, "
+            f"pairs {attention}), palm {self.palm_per_token:.4g} (6N + 12 L H d S, the published-MFU "
+            f"convention); hardware FLOPs with {self.recompute.describe()}; {peak}"
         )
 
-    def counts(self, ntokens: int, totals: dict[str, float] | None) -> tuple[float, float]:
-        """(trained tokens, attended pairs) of the window."""
-        if totals is None or "trained_tokens" not in totals:
+    def counts(self, ntokens: int, totals: dict[str, float] | None) -> tuple[float, float, float]:
+        """(non-padding tokens, trained tokens, attended pairs) of the window."""
+        if totals is None or "real_tokens" not in totals:
             rows = ntokens / self.seq_len
-            return float(ntokens), rows * causal_pairs(self.seq_len)
+            return float(ntokens), float(ntokens), rows * causal_pairs(self.seq_len)
         pairs = totals["attn_pairs"] if self.masked else totals["attn_pairs_causal"]
-        return float(totals["trained_tokens"]), float(pairs)
+        return float(totals["real_tokens"]), float(totals["trained_tokens"]), float(pairs)
 
     def window(self, ntokens: int, totals: dict[str, float] | None, seconds: float) -> dict[str, float]:
-        trained, pairs = self.counts(ntokens, totals)
-        model = self.model.model_flops(trained, pairs)
-        recompute = self.model.recompute_flops(trained, pairs, self.recompute)
+        real, trained, pairs = self.counts(ntokens, totals)
+        exact = self.model.model_flops(real, pairs)
+        palm = self.palm_per_token * real
+        recompute = self.model.recompute_flops(real, pairs, self.recompute)
         device_seconds = max(seconds, 1e-12) * self.devices_per_batch
         metrics = {
             "flops/tps": ntokens / device_seconds,
+            "flops/tps_real": real / device_seconds,
             "flops/tps_trained": trained / device_seconds,
             "flops/trained_fraction": trained / max(ntokens, 1),
-            "flops/model_flops": model,
-            "flops/attention_fraction": self.model.attention_flops(pairs) / model if model else 0.0,
-            "flops/model_tflops": model / device_seconds / 1e12,
+            "flops/model_flops_exact": exact,
+            "flops/model_flops_palm": palm,
+            "flops/attention_fraction": self.model.attention_flops(pairs) / exact if exact else 0.0,
+            "flops/model_tflops_exact": exact / device_seconds / 1e12,
+            "flops/model_tflops_palm": palm / device_seconds / 1e12,
         }
         if recompute is not None:
-            metrics["flops/hardware_tflops"] = (model + recompute) / device_seconds / 1e12
+            metrics["flops/hardware_tflops"] = (exact + recompute) / device_seconds / 1e12
         if self.peak.tflops is not None:
-            metrics["flops/mfu(%)"] = 100 * metrics["flops/model_tflops"] / self.peak.tflops
+            metrics["flops/mfu_palm(%)"] = 100 * metrics["flops/model_tflops_palm"] / self.peak.tflops
+            metrics["flops/mfu_exact(%)"] = 100 * metrics["flops/model_tflops_exact"] / self.peak.tflops
             if recompute is not None:
                 metrics["flops/hfu(%)"] = 100 * metrics["flops/hardware_tflops"] / self.peak.tflops
-        self.last = {"trained": trained, "model": model,
-                     "hardware": model + recompute if recompute is not None else math.nan}
+        self.last = {"real": real, "trained": trained, "exact": exact, "palm": palm,
+                     "hardware": exact + recompute if recompute is not None else math.nan}
         return metrics
 
     def flops_per_token(self, ntokens: int) -> float:
-        """Model FLOPs of the last window per token torchtitan counted (all tokens),
-        so that torchtitan's own ``tflops`` and ``mfu`` come out as ours."""
-        return max(self.last.get("model", 0.0) / max(ntokens, 1), 1e-9)
+        """PaLM-convention FLOPs of the last window per token torchtitan counted
+        (padding included), so that torchtitan's own ``tflops`` and ``mfu``
+        columns show ``mfu_palm`` (torchtitan's convention, without padding)."""
+        return max(self.last.get("palm", 0.0) / max(ntokens, 1), 1e-9)
 
     def add_last_to_timed(self) -> None:
-        self.timed["trained"] += self.last.get("trained", 0.0)
-        self.timed["model"] += self.last.get("model", 0.0)
+        for key in ("real", "trained", "exact", "palm"):
+            self.timed[key] += self.last.get(key, 0.0)
         hardware = self.last.get("hardware", math.nan)
         if math.isnan(hardware):
             self.timed["hardware_known"] = False
@@ -584,33 +629,39 @@ class FlopsMeter:
         if seconds <= 0:
             return {}
         device_seconds = seconds * self.devices_per_batch
-        model = self.timed["model"] / device_seconds / 1e12
+        exact = self.timed["exact"] / device_seconds / 1e12
+        palm = self.timed["palm"] / device_seconds / 1e12
         hardware = self.timed["hardware"] / device_seconds / 1e12 if self.timed["hardware_known"] else None
         peak = self.peak.tflops
         return {
+            "real_tokens_per_second_per_device": self.timed["real"] / device_seconds,
             "trained_tokens_per_second_per_device": self.timed["trained"] / device_seconds,
-            "model_tflops_per_device": model,
+            "model_tflops_exact_per_device": exact,
+            "model_tflops_palm_per_device": palm,
             "hardware_tflops_per_device": hardware,
             "peak_tflops": peak,
             "device": self.peak.device,
-            "mfu_pct": 100 * model / peak if peak else None,
+            "mfu_palm_pct": 100 * palm / peak if peak else None,
+            "mfu_exact_pct": 100 * exact / peak if peak else None,
             "hfu_pct": 100 * hardware / peak if peak and hardware is not None else None,
         }
 
     def line(self, metrics: dict[str, float]) -> str:
         """The console line of one log step."""
-        def tflops(v: float) -> str:
-            return f"{v:.3g}"
+        def pct(key: str) -> str:
+            v = metrics.get(key)
+            return f"{v:.2f}%" if v is not None else "n/a"
 
-        mfu = metrics.get("flops/mfu(%)")
-        hfu = metrics.get("flops/hfu(%)")
         hw = metrics.get("flops/hardware_tflops")
+        hfu = metrics.get("flops/hfu(%)")
         return (
-            f"flops: tps {metrics['flops/tps']:,.0f} all, {metrics['flops/tps_trained']:,.0f} trained  "
-            f"model {tflops(metrics['flops/model_tflops'])} TFLOP/s (attention "
+            f"flops: tps {metrics['flops/tps']:,.0f} all, {metrics['flops/tps_real']:,.0f} non-pad, "
+            f"{metrics['flops/tps_trained']:,.0f} trained  "
+            f"model TFLOP/s palm {metrics['flops/model_tflops_palm']:.3g} exact "
+            f"{metrics['flops/model_tflops_exact']:.3g} (attention "
             f"{100 * metrics['flops/attention_fraction']:.1f}%)  "
-            f"hw {tflops(hw) + ' TFLOP/s' if hw is not None else 'n/a'}  "
-            f"mfu {f'{mfu:.2f}%' if mfu is not None else 'n/a'}"
+            f"hw {f'{hw:.3g} TFLOP/s' if hw is not None else 'n/a'}  "
+            f"mfu_palm {pct('flops/mfu_palm(%)')}  mfu_exact {pct('flops/mfu_exact(%)')}"
             + (f"  hfu {hfu:.2f}%" if hfu is not None else "")
         )
 
@@ -658,7 +709,14 @@ def packed_counts(lengths: np.ndarray, seq_len: int, method: str = "bfd") -> tup
     tokens = np.ones(int(offsets[-1]), dtype=np.int32)
     packed = pack_documents(tokens, offsets, seq_len + 1, 0, method)
     batch = rows_to_batch(packed, False)
-    return attention_counts(batch["segment_ids"], batch["labels"]), packed.n_rows
+    return attention_counts(batch["segment_ids"], batch["labels"], real_inputs(packed.n_valid, seq_len)), \
+        packed.n_rows
+
+
+def real_inputs(n_valid: Any, seq_len: int) -> np.ndarray:
+    """bool ``[rows, seq_len]``: the model inputs that are not padding, for rows of
+    ``seq_len + 1`` packed tokens of which the first ``n_valid`` are real."""
+    return np.arange(seq_len) < np.asarray(n_valid).reshape(-1, 1)
 
 
 def _meta_model(model_cls: type, model_args: Any) -> Any:
@@ -706,19 +764,42 @@ def _data_counts(job_config: Any, rows: int) -> tuple[AttentionCounts, int, int]
         n_tokens += labels.numel()
     LOADER_STATS.take()
     t = LOADER_STATS.window_totals or {}
-    counts = AttentionCounts(int(t.get("trained_tokens", 0)), int(t.get("attn_pairs", 0)),
-                             int(t.get("attn_pairs_causal", 0)))
+    counts = AttentionCounts(*(int(t.get(k, 0)) for k in
+                               ("real_tokens", "trained_tokens", "attn_pairs", "attn_pairs_causal")))
     return counts, int(t.get("rows", 0)), n_tokens
+
+
+def _missing_data(job_config: Any) -> str | None:
+    """Why the config's own ``[data]`` rows cannot be read here (a tokenizer or a
+    local source that is not on this machine), or None."""
+    import os
+
+    from ext.data.config import looks_like_hub_id
+
+    assets = job_config.model.hf_assets_path
+    if not any(os.path.isfile(os.path.join(assets, f)) for f in ("tokenizer.json", "vocab.json", "vocab.txt")):
+        return f"[model] hf_assets_path {assets!r} has no tokenizer (tokenizer.json, vocab.json or vocab.txt)"
+    for i, location in enumerate(job_config.data.datasets):
+        if not os.path.exists(location) and not looks_like_hub_id(location):
+            return f"[data] datasets[{i}] {location!r} does not exist"
+    return None
 
 
 def flops_report(job_config: Any, packed: str = "auto", docs: int = 10000, rows: int = 64) -> dict[str, Any]:
     """What ``python -m ext.cli flops`` prints, for a parsed JobConfig.
 
+    FLOPs per token are per non-padding token (trained or not): exact
+    (``flops_per_token_causal`` / ``_packed``) and in the PaLM / torchtitan
+    convention (``flops_per_token_palm``, which ``mfu_palm`` uses); the
+    ``mfu_palm_over_mfu_exact_*`` ratios say how much higher a run's
+    ``mfu_palm`` reads than its ``mfu_exact``.
+
     ``packed``: where the "typical packed batch" comes from: "data" (``rows``
     rows of the config's ``[data]`` sources, tokenized and packed by our
     loader), "synthetic" (``docs`` web-like documents, :func:`web_like_lengths`,
     packed best-fit into rows of ``seq_len + 1``) or "auto" (data when
-    ``[data] datasets`` is set). Pairs are counted within documents when the
+    ``[data] datasets`` is set and its tokenizer and local sources are here,
+    else synthetic, with ``packed_note`` saying why). Pairs are counted within documents when the
     config masks attention by documents, else causally over each row;
     SkyLadder windows are not applied (they depend on the step).
     """
@@ -749,11 +830,19 @@ def flops_report(job_config: Any, packed: str = "auto", docs: int = 10000, rows:
     built = sum(p.numel() for p in meta.parameters())
     tt_params, tt_flops = torchtitan_estimate(spec.model_cls, args, seq, meta)
     masked = masking_requested(job_config)
+    note = None
     if packed == "auto":
         packed = "data" if job_config.data.datasets else "synthetic"
+        missing = _missing_data(job_config) if packed == "data" else None
+        if missing:
+            packed = "synthetic"
+            note = f"{missing}: the packed batch is {docs} synthetic web-like documents instead"
     if packed == "data":
         if not job_config.data.datasets:
             raise ConfigError("--packed data needs [data] datasets in the config; use --packed synthetic")
+        missing = _missing_data(job_config)
+        if missing:
+            raise ConfigError(f"--packed data: {missing}; provide it or use --packed synthetic")
         counts, n_rows, row_tokens = _data_counts(job_config, rows)
     elif packed == "synthetic":
         counts, n_rows = packed_counts(web_like_lengths(docs), seq)
@@ -761,22 +850,29 @@ def flops_report(job_config: Any, packed: str = "auto", docs: int = 10000, rows:
     else:
         raise ConfigError(f"--packed {packed!r}: use auto, data or synthetic")
     pairs = counts.pairs if masked else counts.pairs_causal
-    packed_flops = model.model_flops(counts.trained_tokens, pairs)
+    packed_flops = model.model_flops(counts.real_tokens, pairs)
     causal = model.causal_flops_per_token(seq)
+    palm = model.palm_flops_per_token(seq)
     return {
         "params_total": params.total,
         "params_active": params.active,
         "params_embedding": params.embedding,
         "flops_per_token_causal": causal,
-        "flops_per_token_packed": packed_flops / max(counts.trained_tokens, 1),
+        "flops_per_token_packed": packed_flops / max(counts.real_tokens, 1),
+        "flops_per_token_palm": palm,
+        # a run's mfu_palm / mfu_exact (both count the same non-padding tokens)
+        "mfu_palm_over_mfu_exact_causal": palm / causal,
+        "mfu_palm_over_mfu_exact_packed": palm * counts.real_tokens / packed_flops if packed_flops else None,
         "model": f"{name} {flavor}",
         "seq_len": seq,
         "params_of_built_model": built,
         "packed_source": packed,
+        "packed_note": note,
         "packed_attention": "documents" if masked else "causal",
         "packed_rows": n_rows,
+        "packed_real_fraction": counts.real_tokens / max(row_tokens, 1),
         "packed_trained_fraction": counts.trained_tokens / max(row_tokens, 1),
-        "packed_pairs_per_trained_token": pairs / max(counts.trained_tokens, 1),
+        "packed_pairs_per_token": pairs / max(counts.real_tokens, 1),
         "torchtitan_params": tt_params,
         "torchtitan_flops_per_token": tt_flops,
         "torchtitan_overcount_causal": tt_flops / causal - 1,

@@ -13,12 +13,16 @@ the per-step history as JSON under ``job.dump_folder``. Tokens/s counts the
 steps after the first logged one, so start-up and warm-up do not dilute it.
 
 FLOPs and MFU (:mod:`ext.flops`): every log counts the model FLOPs of the
-batches trained since the previous log from their trained tokens and
-attended pairs (the loader's statistics; with torchtitan's own loader, full
-causal rows), so torchtitan's ``tflops`` and ``mfu`` use them, and a
-``flops:`` line, TensorBoard (``flops/...``) and the history add tokens/s of
-all and of trained tokens, hardware FLOP/s (with activation recomputation)
-and MFU/HFU against the peak of :func:`ext.flops.peak_from_config` ("n/a"
+batches trained since the previous log over their non-padding tokens (SFT
+prompts included), in two conventions, each named: ``palm`` (``6 N + 12 L H
+d S`` per token, as torchtitan and published MFU count) and ``exact`` (the
+pairs really attended: causal halves, document masks, SkyLadder windows;
+from the loader's statistics, with torchtitan's own loader full causal
+rows). torchtitan's own ``tflops`` and ``mfu`` columns show the palm
+figure; a ``flops:`` line, TensorBoard (``flops/...``) and the history add
+tokens/s (all, non-padding, trained), model FLOP/s and ``mfu_palm`` /
+``mfu_exact`` side by side, hardware FLOP/s (with activation recomputation)
+and HFU, against the peak of :func:`ext.flops.peak_from_config` ("n/a"
 when unknown). That peak also replaces torchtitan's ``get_peak_flops`` (no
 ``lspci``, no A100 fallback).
 """
@@ -123,7 +127,7 @@ class SummaryMetricsProcessor(MetricsProcessor):
             flops_metrics = self._flops.window(
                 tokens, LOADER_STATS.window_totals, time.perf_counter() - self.time_last_log
             )
-            self.num_flops_per_token = self._flops.flops_per_token(tokens)  # torchtitan's tflops/mfu
+            self.num_flops_per_token = self._flops.flops_per_token(tokens)  # torchtitan's tflops/mfu: palm
         extra_metrics = {**(extra_metrics or {}), **data_metrics, **flops_metrics}
         super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics)
         if data_metrics:
@@ -196,8 +200,8 @@ class SummaryMetricsProcessor(MetricsProcessor):
             return
         tps = summary["tokens_per_second_per_device"]
         tps_text = f"{tps:,.0f} tokens/s per device" if tps else "tokens/s n/a (one logged step)"
-        if summary.get("mfu_pct") is not None:
-            tps_text += f", MFU {summary['mfu_pct']:.1f}%"
+        if summary.get("mfu_palm_pct") is not None:
+            tps_text += f", mfu_palm {summary['mfu_palm_pct']:.1f}%, mfu_exact {summary['mfu_exact_pct']:.1f}%"
         logger.info(
             f"run summary: {summary['steps']} steps, loss {summary['first_loss']:.4f} -> "
             f"{summary['last_loss']:.4f}, {tps_text}"

@@ -29,7 +29,7 @@ from ext.errors import ConfigError
 from ext.flops import (
     FlopsMeter, FlopsModel, Peak, Recompute, attention_counts, causal_pairs, device_kind,
     flops_report, fp8_converters_on, model_param_count, peak_from_config, resolve_peak,
-    table_peak_tflops,
+    table_peak_tflops, torchtitan_estimate,
 )
 
 from .conftest import DEBUG_CONFIG, REPO, TOKENIZER, read_summary, run_train, write_repeated_corpus
@@ -202,39 +202,84 @@ def test_recompute_is_zero_without_checkpointing_and_unknown_with_a_memory_budge
 # -- attended pairs against brute force --------------------------------------------------
 
 def random_rows(seed: int, batch: int = 3, seq: int = 48):
+    """Segment ids, labels (20% -100) and the non-padding mask (a padding tail of
+    0-11 tokens, one more segment) of random rows."""
     rng = np.random.default_rng(seed)
     seg = np.cumsum(rng.random((batch, seq)) < 0.15, axis=1)
     labels = rng.integers(0, 100, (batch, seq))
     labels[rng.random((batch, seq)) < 0.2] = -100
-    return seg, labels
+    n_valid = seq - rng.integers(0, 12, batch)
+    valid = np.arange(seq) < n_valid[:, None]
+    seg = np.where(valid, seg, seg.max() + 1)
+    labels[~valid] = -100
+    return seg, labels, valid
 
 
-def brute_force_pairs(seg, labels, allowed) -> int:
+def brute_force_pairs(seg, valid, allowed) -> int:
+    """Keys attended by every non-padding query, trained or not."""
     total = 0
     for b in range(seg.shape[0]):
         for q in range(seg.shape[1]):
-            if labels[b, q] != -100:
+            if valid[b, q]:
                 total += sum(1 for k in range(q + 1) if allowed(b, q, k))
     return total
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_document_masked_and_causal_pairs_equal_brute_force(seed):
-    seg, labels = random_rows(seed)
-    counts = attention_counts(seg, labels)
-    assert counts.pairs == brute_force_pairs(seg, labels, lambda b, q, k: seg[b, q] == seg[b, k])
-    assert counts.pairs_causal == brute_force_pairs(seg, labels, lambda b, q, k: True)
+    seg, labels, valid = random_rows(seed)
+    counts = attention_counts(seg, labels, valid)
+    assert counts.pairs == brute_force_pairs(seg, valid, lambda b, q, k: seg[b, q] == seg[b, k])
+    assert counts.pairs_causal == brute_force_pairs(seg, valid, lambda b, q, k: True)
+    assert counts.real_tokens == int(valid.sum())
     assert counts.trained_tokens == int((labels != -100).sum())
 
 
 @pytest.mark.parametrize("window", [1, 5, 16, 48])
 def test_skyladder_windowed_pairs_equal_brute_force(window):
-    seg, labels = random_rows(7)
+    seg, labels, valid = random_rows(7)
     fragments = fragment_segments(seg, window)
     expected = brute_force_pairs(
-        seg, labels, lambda b, q, k: seg[b, q] == seg[b, k] and q // window == k // window
+        seg, valid, lambda b, q, k: seg[b, q] == seg[b, k] and q // window == k // window
     )
-    assert attention_counts(fragments, labels).pairs == expected
+    assert attention_counts(fragments, labels, valid).pairs == expected
+
+
+def test_sft_prompt_tokens_count_as_computed_work():
+    # 12 prompt tokens (labels -100) + 4 answer tokens run forward and backward alike.
+    labels = np.array([-100] * 12 + [5, 6, 7, 8])
+    counts = attention_counts(np.zeros(16, dtype=np.int64), labels)
+    assert counts.real_tokens == 16 and counts.trained_tokens == 4
+    assert counts.pairs == counts.pairs_causal == causal_pairs(16)
+
+
+def test_padding_is_not_counted():
+    seg = np.array([0] * 10 + [1] * 6)  # 10 real tokens, then the padding tail
+    labels = np.array([1] * 9 + [-100] * 7)
+    valid = np.arange(16) < 10
+    counts = attention_counts(seg, labels, valid)
+    assert counts.real_tokens == 10 and counts.trained_tokens == 9
+    assert counts.pairs == counts.pairs_causal == causal_pairs(10)
+
+
+def test_loader_counts_sft_prompts_and_leaves_out_padding():
+    # One row per batch: the loader's statistics of that row against the packer's own
+    # padding count (inputs are the first seq_len of seq_len + 1 packed tokens).
+    cfg = ConfigManager().parse_args([
+        "--job.config_file", str(REPO / "train_configs" / "debug_sft.toml"), "--data.num_workers", "0",
+        "--data.buffer_docs", "64", "--training.local_batch_size", "1",
+    ])
+    loader = build_packed_dataloader(1, 0, HuggingFaceTokenizer(str(TOKENIZER)), cfg)
+    LOADER_STATS.take()
+    padded = 0
+    for _, (sample, labels) in zip(range(12), loader):
+        LOADER_STATS.take()
+        t = LOADER_STATS.window_totals
+        padded += t["pad_tokens"] > 1
+        assert t["real_tokens"] == t["row_tokens"] - max(t["pad_tokens"], 1)
+        assert t["trained_tokens"] == int((labels != -100).sum()) < t["real_tokens"]
+        assert t["attn_pairs"] >= t["real_tokens"]
+    assert padded  # the padding case is exercised
 
 
 def test_fully_trained_segments_give_len_times_len_plus_one_over_two():
@@ -248,19 +293,23 @@ def test_fully_trained_segments_give_len_times_len_plus_one_over_two():
 def test_loader_statistics_count_the_batches_it_yields_with_skyladder_fragments(tmp_path):
     cfg = ConfigManager().parse_args([
         "--job.config_file", str(DEBUG_CONFIG), "--data.num_workers", "0", "--data.buffer_docs", "64",
-        "--training.local_batch_size", "4", "--skyladder.enable", "--skyladder.init_window", "24",
+        "--training.local_batch_size", "1", "--skyladder.enable", "--skyladder.init_window", "24",
     ])
     loader = build_packed_dataloader(1, 0, HuggingFaceTokenizer(str(TOKENIZER)), cfg)
     LOADER_STATS.take()
-    seen = []
-    for _, (sample, labels) in zip(range(3), loader):
-        seen.append(attention_counts(sample["segment_ids"], labels))
-    LOADER_STATS.take()
-    totals = LOADER_STATS.window_totals
-    assert totals["trained_tokens"] == sum(c.trained_tokens for c in seen)
-    assert totals["attn_pairs"] == sum(c.pairs for c in seen)
-    assert totals["attn_pairs_causal"] == sum(c.pairs_causal for c in seen)
-    assert totals["attn_pairs"] < totals["attn_pairs_causal"] * 24 / 128  # the window shrinks attention
+    totals, seen = [], []
+    for _, (sample, labels) in zip(range(40), loader):
+        LOADER_STATS.take()  # one row per batch: the padding of this row
+        t = LOADER_STATS.window_totals
+        totals.append(t)
+        real = torch.arange(labels.shape[-1]) < t["row_tokens"] - t["pad_tokens"]
+        seen.append(attention_counts(sample["segment_ids"], labels, real[None]))
+    assert sum(t["pad_tokens"] for t in totals) > 0
+    for key, field in (("real_tokens", "real_tokens"), ("trained_tokens", "trained_tokens"),
+                       ("attn_pairs", "pairs"), ("attn_pairs_causal", "pairs_causal")):
+        assert sum(t[key] for t in totals) == sum(getattr(c, field) for c in seen)
+    pairs, causal = (sum(t[k] for t in totals) for k in ("attn_pairs", "attn_pairs_causal"))
+    assert pairs < causal * 24 / 128  # the window shrinks attention
 
 
 # -- peak table -------------------------------------------------------------------------
@@ -315,26 +364,59 @@ def meter(masked: bool, tflops: float | None) -> FlopsMeter:
                       devices_per_batch=2)
 
 
-def test_meter_uses_trained_tokens_and_the_pairs_the_model_runs():
-    totals = {"trained_tokens": 900.0, "attn_pairs": 5e4, "attn_pairs_causal": 1e5}
+def test_meter_counts_non_padding_tokens_and_the_pairs_the_model_runs():
+    # 1024 tokens in the window, 1000 not padding, 900 trained
+    totals = {"real_tokens": 1000.0, "trained_tokens": 900.0, "attn_pairs": 5e4, "attn_pairs_causal": 1e5}
     for masked, pairs in ((True, 5e4), (False, 1e5)):
         m = meter(masked, 100.0)
         out = m.window(1024, totals, seconds=2.0)
-        model = m.model.model_flops(900, pairs)
-        assert out["flops/model_flops"] == model
-        assert out["flops/model_tflops"] == pytest.approx(model / 4.0 / 1e12)  # 2 s x 2 devices per batch
+        exact = m.model.model_flops(1000, pairs)
+        assert out["flops/model_flops_exact"] == exact
+        assert out["flops/model_tflops_exact"] == pytest.approx(exact / 4.0 / 1e12)  # 2 s x 2 devices/batch
+        assert out["flops/tps_real"] == pytest.approx(1000 / 4.0)
         assert out["flops/tps_trained"] == pytest.approx(900 / 4.0)
-        assert out["flops/mfu(%)"] == pytest.approx(100 * out["flops/model_tflops"] / 100.0)
-        recompute = m.model.recompute_flops(900, pairs, Recompute("full"))
-        assert out["flops/hardware_tflops"] == pytest.approx((model + recompute) / 4.0 / 1e12)
-        assert m.flops_per_token(1024) * 1024 == pytest.approx(model)  # what torchtitan's tflops use
+        assert out["flops/mfu_exact(%)"] == pytest.approx(100 * out["flops/model_tflops_exact"] / 100.0)
+        recompute = m.model.recompute_flops(1000, pairs, Recompute("full"))
+        assert out["flops/hardware_tflops"] == pytest.approx((exact + recompute) / 4.0 / 1e12)
+
+
+def test_meter_reports_mfu_in_the_palm_convention_beside_the_exact_one():
+    # tiny: L 4, H 4, d_head 32, 1,311,872 params of which 2048 x 128 embedding; S = 256
+    palm_per_token = 6 * (1_311_872 - 2048 * 128) + 12 * 4 * 4 * 32 * 256
+    totals = {"real_tokens": 1000.0, "trained_tokens": 900.0, "attn_pairs": 5e4, "attn_pairs_causal": 1e5}
+    m = meter(True, 100.0)
+    out = m.window(1024, totals, seconds=2.0)
+    assert out["flops/model_flops_palm"] == palm_per_token * 1000
+    assert out["flops/mfu_palm(%)"] == pytest.approx(100 * palm_per_token * 1000 / 4.0 / 1e12 / 100.0)
+    assert out["flops/mfu_palm(%)"] > out["flops/mfu_exact(%)"]  # no causal halving, no document mask
+    line = m.line(out)
+    assert f"mfu_palm {out['flops/mfu_palm(%)']:.2f}%" in line
+    assert f"mfu_exact {out['flops/mfu_exact(%)']:.2f}%" in line
+    # torchtitan's own tflops/mfu columns (per token it counted, padding included) show the palm figure
+    assert m.flops_per_token(1024) * 1024 == pytest.approx(palm_per_token * 1000)
+    m.add_last_to_timed()
+    s = m.summary(2.0)
+    assert s["mfu_palm_pct"] == pytest.approx(out["flops/mfu_palm(%)"])
+    assert s["mfu_exact_pct"] == pytest.approx(out["flops/mfu_exact(%)"])
 
 
 def test_meter_without_loader_statistics_counts_full_causal_rows_and_shows_no_mfu_without_a_peak():
     m = meter(False, None)
     out = m.window(512, None, seconds=1.0)
-    assert out["flops/model_flops"] == m.model.model_flops(512, 2 * causal_pairs(256))
-    assert "flops/mfu(%)" not in out and "mfu n/a" in m.line(out)
+    assert out["flops/model_flops_exact"] == m.model.model_flops(512, 2 * causal_pairs(256))
+    assert "flops/mfu_palm(%)" not in out and "flops/mfu_exact(%)" not in out
+    assert "mfu_palm n/a  mfu_exact n/a" in m.line(out)
+
+
+@pytest.mark.parametrize("name,flavor", EXT_FLAVORS, ids=[f"{n}-{f}" for n, f in EXT_FLAVORS])
+def test_palm_flops_per_token_equal_torchtitans_own_and_the_closed_form(name, flavor):
+    args = flavor_args(name, flavor)
+    fm, seq = FlopsModel.from_args(args), 4096
+    _, tt_flops = torchtitan_estimate(get_train_spec(name).model_cls, args, seq)
+    assert fm.palm_flops_per_token(seq) == tt_flops
+    s = fm.shape
+    closed = 6 * (fm.params.active - s.vocab_size * s.dim) + 12 * s.n_layers * s.n_heads * s.head_dim * seq
+    assert fm.palm_flops_per_token(seq) == closed
 
 
 # -- CLI and the README's figures ---------------------------------------------------------
@@ -358,6 +440,10 @@ def test_cli_prints_params_and_flops_per_token_as_json():
     assert r["flops_per_token_packed"] < r["flops_per_token_causal"]  # documents mask attention
     # torchtitan: 6 (N - embedding) + 6 L H (2 d_head) S per token
     assert r["torchtitan_flops_per_token"] == 6 * (1_311_872 - 2048 * 128) + 12 * 4 * 4 * 32 * 256
+    assert r["flops_per_token_palm"] == r["torchtitan_flops_per_token"]
+    assert r["mfu_palm_over_mfu_exact_causal"] == r["flops_per_token_palm"] / r["flops_per_token_causal"]
+    assert r["mfu_palm_over_mfu_exact_packed"] == pytest.approx(
+        r["flops_per_token_palm"] / r["flops_per_token_packed"])
 
 
 def test_cli_table_and_bad_flavor():
@@ -366,8 +452,23 @@ def test_cli_table_and_bad_flavor():
     assert run_cli("--job.config_file", str(DEBUG_CONFIG), "--model.flavor", "huge")[0] == 2
 
 
+def test_cli_falls_back_to_synthetic_packing_when_the_configs_data_is_not_here(capsys):
+    # The shipped 8B config names a tokenizer and data folders that are not shipped.
+    config = str(REPO / "train_configs" / "llama3_8b_multisource.toml")
+    assert cli.main(["flops", "--job.config_file", config, "--json", "--docs", "500"]) == 0
+    out, err = capsys.readouterr()
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r["packed_source"] == "synthetic" and r["packed_rows"] > 0
+    notes = [line for line in err.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and "synthetic" in notes[0] and "Traceback" not in err
+    # asked for its data explicitly: one line, exit 2
+    assert cli.main(["flops", "--job.config_file", config, "--packed", "data"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --packed data: [model] hf_assets_path" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("seq_len,masked,over", [
-    (8192, False, 0.125), (32768, False, 0.364), (8192, True, 0.253), (32768, True, 1.090),
+    (8192, False, 0.125), (32768, False, 0.364), (8192, True, 0.252), (32768, True, 1.087),
 ])
 def test_torchtitan_overcount_for_llama3_8b_matches_the_readme(seq_len, masked, over):
     argv = ["--job.config_file", str(REPO / "train_configs" / "llama3_8b_multisource.toml"),
@@ -400,12 +501,13 @@ def test_training_run_reports_exact_flops_hardware_flops_and_mfu_na_on_cpu(tmp_p
     model = fm.model_flops(rows * seq_len, rows * causal_pairs(seq_len))
     recompute = fm.recompute_flops(rows * seq_len, rows * causal_pairs(seq_len), Recompute("full"))
     for entry in summary["history"]:
-        assert entry["flops/model_flops"] == model
+        assert entry["flops/model_flops_exact"] == model
+        assert entry["flops/model_flops_palm"] == fm.palm_flops_per_token(seq_len) * rows * seq_len
         assert entry["flops/trained_fraction"] == 1.0
-        ratio = entry["flops/hardware_tflops"] / entry["flops/model_tflops"]
+        ratio = entry["flops/hardware_tflops"] / entry["flops/model_tflops_exact"]
         assert ratio == pytest.approx(1 + recompute / model)
-        assert "flops/mfu(%)" not in entry
-    assert summary["mfu_pct"] is None and summary["device"] == "cpu"
+        assert "flops/mfu_palm(%)" not in entry and "flops/mfu_exact(%)" not in entry
+    assert summary["mfu_palm_pct"] is None and summary["mfu_exact_pct"] is None and summary["device"] == "cpu"
     trained, all_tokens = (summary[k] for k in ("trained_tokens_per_second_per_device",
                                                 "tokens_per_second_per_device"))
     assert math.isclose(trained, all_tokens)

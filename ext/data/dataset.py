@@ -35,17 +35,17 @@ from ext.data.sources import Plan, Source, plan_source
 # strips them before the batch reaches the model.
 STATS_KEY = "loader_stats"
 STATS_FIELDS = ("row_tokens", "pad_tokens", "docs", "cut_docs", "rows", "window",
-                "trained_tokens", "attn_pairs", "attn_pairs_causal")
-# The last three are filled in when a row is yielded (after SkyLadder cuts it), by
-# ext.flops.attention_counts: labels != -100, and the keys those trained queries
-# attend within their segments / under plain causal attention. The metrics
-# processor picks the pair count that matches what the model runs.
+                "real_tokens", "trained_tokens", "attn_pairs", "attn_pairs_causal")
+# The last four are filled in when a row is yielded (after SkyLadder cuts it), by
+# ext.flops.attention_counts: non-padding inputs, labels != -100, and the keys the
+# non-padding queries attend within their segments / under plain causal attention.
+# The metrics processor picks the pair count that matches what the model runs.
 
 
 def row_statistics(packed: Any, doc_source: np.ndarray, n_sources: int) -> np.ndarray:
-    """float64 [n_rows, 9 + n_sources]: row tokens, padding, documents, cut
+    """float64 [n_rows, 10 + n_sources]: row tokens, padding, documents, cut
     documents, 1 (rows), the attention window (filled in when the row is
-    yielded, as are the three attention counts that follow), then real tokens
+    yielded, as are the four FLOP counts that follow), then real tokens
     per source. A document split into k pieces counts 1/k in each row holding
     a piece, so sums over rows are exact."""
     n_rows, width = packed.tokens.shape
@@ -234,9 +234,11 @@ class PackedMixtureDataset(IterableDataset, Stateful):
                     segment_ids = np.zeros_like(segment_ids)
                 if window < len(segment_ids):
                     segment_ids = fragment_segments(segment_ids, window)
-            counts = attention_counts(segment_ids, self._batch["labels"][i])
-            at = STATS_FIELDS.index("trained_tokens")
-            stats[at : at + 3] = counts.trained_tokens, counts.pairs, counts.pairs_causal
+            n_valid = stats[STATS_FIELDS.index("row_tokens")] - stats[STATS_FIELDS.index("pad_tokens")]
+            real = np.arange(len(segment_ids)) < n_valid  # inputs that are not padding
+            counts = attention_counts(segment_ids, self._batch["labels"][i], real)
+            at = STATS_FIELDS.index("real_tokens")
+            stats[at : at + 4] = counts.real_tokens, counts.trained_tokens, counts.pairs, counts.pairs_causal
             self._row += 1
             self._rows_out += 1
             sample = {
