@@ -120,12 +120,12 @@ def test_last_turn_only_trains_the_final_assistant_turn():
     assert trained_text(tok, enc) == "7 is odd.<|im_end|>"
 
 
-def test_template_that_rewrites_earlier_turns_is_refused_unless_last_turn_only():
+def test_template_that_rewrites_earlier_turns_trains_each_turn_as_rendered():
     tok = chatml()
     tok.chat_template = REWRITING_TEMPLATE
     encoder = ChatEncoder(tok)
-    assert encoder.encode(CHAT) == "template not prefix-stable"
-    assert encoder.refused == {"template not prefix-stable": 1}
+    assert trained_text(tok, encoder.encode(CHAT)) == "(earlier answer)<|im_end|>|7 is odd.<|im_end|>"
+    assert not encoder.refused and encoder.fallbacks == 0
     enc = ChatEncoder(tok, last_turn_only=True).encode(CHAT)
     assert trained_text(tok, enc) == "7 is odd.<|im_end|>"
 

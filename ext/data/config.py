@@ -18,7 +18,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from ext.errors import ConfigError
 
@@ -117,8 +117,11 @@ class Sft:
     enable: bool = False
     """
     Treat [data] sources as chat samples: `text_fields` name the conversation
-    field ("messages" with role/content, or "conversations" with from/value),
-    rendered with the chat template; each sample is one packed segment.
+    field: "messages" (OpenAI: role, content, tool_calls, reasoning_content,
+    name, tool_call_id, ...; content may be null) or "conversations"
+    (ShareGPT: from/value, incl. function_call and observation turns), or an
+    object holding them with the sample's `tools`. Each sample is rendered
+    with the chat template and packed as one segment.
     """
 
     train_roles: list[str] = field(default_factory=lambda: ["assistant"])
@@ -130,16 +133,42 @@ class Sft:
     template_file: str = ""
     """Jinja chat template file replacing the tokenizer's (empty: the tokenizer's own)."""
 
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """
+    Extra variables for every render of the chat template, e.g.
+    `template_kwargs = {enable_thinking = false}` (Qwen3, SmolLM3).
+    """
+
     mask_method: Literal["auto", "generation", "prefix"] = "auto"
     """
-    "generation": the template's {% generation %} tags (assistant only);
-    "prefix": render prefixes and map character spans to tokens; "auto":
-    generation when the template has the tags and only assistant turns of every
-    turn are trained, else prefix.
+    Where an assistant turn's trained span comes from, with one rule for both:
+    the tokens the template renders for the turn after its header, through its
+    end-of-turn token. "generation": the template's {% generation %} tags (any
+    whitespace control; a header inside them is trimmed); "prefix": the turn
+    boundaries of one render (what rendering prefixes gives); "auto":
+    generation when the template has the tags, else prefix.
+    """
+
+    train_empty_think: bool = False
+    """
+    Train the empty `<think></think>` block a template adds to a turn without
+    reasoning (Qwen3's last turn); false leaves it untrained.
+    """
+
+    dropped_reasoning: Literal["train", "untrained"] = "train"
+    """
+    An assistant turn whose reasoning_content the template does not render
+    (Qwen3 drops it for turns before the last user message): "train" trains
+    what is rendered (answer, tool calls), "untrained" keeps the turn as
+    context only.
     """
 
     overlong: Literal["drop", "truncate"] = "drop"
-    """A sample longer than a row (seq_len + 1 tokens): "drop" it (counted) or "truncate" it."""
+    """
+    A sample longer than a row (seq_len + 1 tokens): "drop" it (counted), or
+    "truncate" it after its last complete trained turn that fits (counted;
+    dropped when none fits), never inside a reply.
+    """
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ext.data.chat import ChatEncoder, mark_untrained, normalize_messages
+from ext.data.chat import ChatEncoder, mark_untrained, normalize_conversation
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,9 @@ class ChatEncoderSpec:
     mask_method: str
     max_tokens: int
     overlong: str
+    template_kwargs: tuple[tuple[str, Any], ...] = ()  # [sft] template_kwargs as (key, value) pairs
+    train_empty_think: bool = False
+    dropped_reasoning: str = "train"
 
     marks_untrained = True
 
@@ -99,16 +102,18 @@ class ChatDocEncoder:
     def __init__(self, tokenizer: Any, spec: ChatEncoderSpec):
         self.chat = ChatEncoder(
             tokenizer, spec.train_roles, spec.last_turn_only, spec.mask_method,
-            spec.max_tokens, spec.overlong,
+            spec.max_tokens, spec.overlong, dict(spec.template_kwargs),
+            spec.train_empty_think, spec.dropped_reasoning,
         )
 
     def encode_batch(self, values: list[Any]) -> list[np.ndarray | Skip]:
         out: list[np.ndarray | Skip] = []
         for value in values:
-            messages = normalize_messages(value)
-            if messages is None:
-                out.append(Skip("not a conversation (messages/conversations)", bad=True))
+            conv = normalize_conversation(value)
+            if isinstance(conv, str):  # malformed: subject to [data] bad_records
+                out.append(Skip(f"not a conversation: {conv}", bad=True))
                 continue
-            enc = self.chat.encode(messages)
+            # refused by the template or by policy: always skipped, counted and named
+            enc = self.chat.encode(conv.messages, conv.tools)
             out.append(Skip(enc, bad=False) if isinstance(enc, str) else mark_untrained(enc))
         return out

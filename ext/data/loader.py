@@ -176,11 +176,10 @@ def _encoder(job_config: Any, tokenizer: Any) -> TextEncoder | ChatEncoderSpec:
     unknown = set(roles) - {"system", "user", "assistant", "tool"}
     if not roles or unknown:
         raise ConfigError(f"[sft] train_roles = {list(roles)}: use some of system, user, assistant, tool")
-    if sft.mask_method == "generation" and (roles != ("assistant",) or sft.last_turn_only):
-        raise ConfigError("[sft] mask_method = \"generation\" trains every assistant turn only; "
-                          "use \"prefix\" (or \"auto\") for other roles or last_turn_only")
     spec = ChatEncoderSpec(job_config.model.hf_assets_path, sft.template_file, roles, sft.last_turn_only,
-                           sft.mask_method, job_config.training.seq_len + 1, sft.overlong)
+                           sft.mask_method, job_config.training.seq_len + 1, sft.overlong,
+                           tuple(sorted(sft.template_kwargs.items())), sft.train_empty_think,
+                           sft.dropped_reasoning)
     chat = spec.build().chat  # loads the tokenizer: errors surface now
     if spec.mask_method == "generation" and chat.mask_method != "generation":
         raise ConfigError("[sft] mask_method = \"generation\" but the chat template has no "
