@@ -213,3 +213,96 @@ def test_compressed_line_counts_are_cached_by_path_size_and_mtime(tmp_path, monk
     write(path, jsonl_bytes([{"text": t} for t in TEXTS[:10]]))
     os.utime(path, ns=(1, 1))  # a changed file is counted again
     assert count_lines(str(path)) == 10
+
+
+# -- balanced reading -------------------------------------------------------------------------
+
+def unequal_folder(tmp_path: Path, sizes: list[int]) -> tuple[Path, list[str]]:
+    folder = tmp_path / "unequal"
+    folder.mkdir()
+    names, start = [], 0
+    for k, n in enumerate(sizes):
+        texts = numbered(f"d{k}x", range(start, start + n))
+        write(folder / f"part{k}.jsonl", jsonl_bytes([{"text": t} for t in texts]))
+        names += [re.findall(r"[a-z0-9]+x\d+", t)[0] for t in texts]
+        start += n
+    return folder, names
+
+
+def rank_batches(spec: SourceSpec, rank: int, buffer_docs: int) -> list[list[str]]:
+    """Document names per batch of one rank (2 ranks x 2 workers), read to the end."""
+    ds = make_dataset([spec], Data(datasets=["x"], buffer_docs=buffer_docs), dp_rank=rank, dp_world=2)
+    out = []
+    for batch in StatefulDataLoader(ds, batch_size=4, num_workers=2):
+        out.append(doc_names_unequal(batch))
+    return out
+
+
+def doc_names_unequal(batch) -> list[str]:
+    sample, _ = batch
+    names = []
+    for x, s in zip(sample["input"].numpy(), sample["segment_ids"].numpy()):
+        for seg in np.unique(s):
+            names += re.findall(r"[a-z0-9]+x\d+", TOK.decode(x[s == seg].tolist(), skip_special_tokens=True))
+    return names
+
+
+def test_unequal_files_are_read_at_equal_rates_over_one_pass(tmp_path):
+    """40/40/40/200 documents over 2 ranks x 2 workers: the first pass delivers every
+    document once, up to the buffer the ranks stop in (what the shared stop keeps)."""
+    folder, names = unequal_folder(tmp_path, [40, 40, 40, 200])
+    spec = spec_of(folder)
+    per_rank = [rank_batches(spec, rank, buffer_docs=8) for rank in range(2)]
+    both = min(len(b) for b in per_rank)  # every rank stops at the batch the first one runs out
+    seen = [n for batches in per_rank for batch in batches[:both] for n in batch]
+    counts = {n: seen.count(n) for n in names}
+    assert max(counts.values()) == 1  # none twice in one pass
+    assert sum(c == 0 for c in counts.values()) <= 2 * 8  # missed: at most one buffer per rank
+    assert not set(seen) - set(names)
+
+
+def test_drop_delivers_at_least_99_percent_of_an_unequal_epoch_before_the_shared_stop(tmp_path):
+    folder, names = unequal_folder(tmp_path, [400, 400, 400, 2000])
+    spec = spec_of(folder)
+    per_rank = [rank_batches(spec, rank, buffer_docs=16) for rank in range(2)]
+    both = min(len(b) for b in per_rank)
+    delivered = {n for batches in per_rank for batch in batches[:both] for n in batch}
+    assert len(delivered) >= 0.99 * len(names), len(delivered) / len(names)
+
+
+def test_the_plan_does_not_depend_on_the_reader_count_and_splits_by_size(tmp_path):
+    folder, _ = unequal_folder(tmp_path, [40, 40, 40, 200])
+    plan = plan_source(spec_of(folder))
+    sizes = plan.stop - plan.start
+    assert plan.unit == "bytes" and plan.total == sum(os.path.getsize(p) for p in spec_of(folder).files)
+    assert len(plan) >= 3000 and sizes.max() - sizes.min() <= 1  # ~equal bytes per range, across files
+    order = np.random.default_rng([0, 1, 0]).permutation(len(plan))
+    for n_readers in (3, 4, 7):  # every reader's share of a pass: equal to within 1%
+        shares = np.array([sizes[order[r::n_readers]].sum() for r in range(n_readers)])
+        assert shares.max() - shares.min() <= 0.01 * shares.mean()
+
+
+# -- memory and reading bounded by the reader's part ---------------------------------------------
+
+def bytes_read() -> int:
+    """Bytes this process has read through system calls (Linux /proc/self/io rchar)."""
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar")).split()[1])
+
+
+def test_a_reader_reads_only_its_share_of_the_corpus_and_the_plan_reads_nothing(tmp_path):
+    folder = tmp_path / "big"
+    folder.mkdir()
+    for k in range(8):
+        write(folder / f"p{k}.jsonl", jsonl_bytes([{"text": f"f{k}r{i} " + "pad " * 60} for i in range(3000)]))
+    total = sum(os.path.getsize(p) for p in folder.iterdir())
+    spec = spec_of(folder)
+    before = bytes_read()
+    plan = plan_source(spec)  # plain JSON Lines: planned from file sizes alone
+    assert bytes_read() - before < 64 * 1024
+    assert plan.file.nbytes + plan.start.nbytes + plan.stop.nbytes <= 20 * len(plan) < 200_000
+    before = bytes_read()
+    docs, _ = read_all(spec, reader=1, n_readers=4, shuffle=True)
+    share = bytes_read() - before
+    assert 0.24 * total < share < 0.35 * total  # its quarter (plus the line crossing each range end)
+    assert abs(len(docs) - 8 * 3000 / 4) <= 8

@@ -260,25 +260,49 @@ class PlainLineShard:
         size = os.path.getsize(self.path)
         return [(0, size)] if size else []
 
-    def _open(self):
+    def _open(self) -> int:
         if self._file is None:  # opened lazily: after the fork into a worker
-            self._file = open(self.path, "rb")
+            self._file = os.open(self.path, os.O_RDONLY)
         return self._file
 
+    def __del__(self) -> None:
+        if getattr(self, "_file", None) is not None:
+            os.close(self._file)
+
+    def _read_to_newline(self, fd: int, offset: int, step: int) -> bytes:
+        """Bytes from ``offset`` through the next newline (or the end of the file)."""
+        out = []
+        while True:
+            block = os.pread(fd, step, offset)
+            if not block:
+                break
+            cut = block.find(b"\n")
+            if cut >= 0:
+                out.append(block[: cut + 1])
+                break
+            out.append(block)
+            offset += len(block)
+            step = min(step * 2, _BLOCK)
+        return b"".join(out)
+
     def chunks(self, start: int, stop: int) -> Iterator[Chunk]:
-        f = self._open()
+        fd = self._open()  # positioned reads of exactly the range (plus the line crossing its end)
+        head = 1 if start > 0 else 0
+        block = os.pread(fd, stop - start + head, start - head)
         begin = start
-        if start > 0:  # a line that starts before `start` belongs to the previous range
-            f.seek(start - 1)
-            if f.read(1) != b"\n":
-                f.readline()
-                begin = f.tell()
-        if begin >= stop:
+        if head:  # a line that starts before `start` belongs to the previous range
+            if block[:1] != b"\n":
+                cut = block.find(b"\n")
+                if cut < 0:
+                    return  # one line covers the whole range; it starts before it
+                begin = start - head + cut + 1
+            block = block[begin - start + head :]
+        if not block:
             return
-        f.seek(begin)
-        block = f.read(stop - begin)
         if not block.endswith(b"\n"):
-            block += f.readline()  # the last line may run past `stop`
+            # the last line may run past `stop`: read on in steps that start small
+            mean_line = len(block) // max(block.count(b"\n"), 1)
+            block += self._read_to_newline(fd, stop, min(_BLOCK, max(128, mean_line)))
         yield from _lines_to_chunks(_split_blocks(iter((block,)), begin, False), self.text_field, self.is_json)
 
     def locate(self, loc: int) -> str:
