@@ -85,9 +85,9 @@ if [[ "${EXT_SKIP_PREFLIGHT:-0}" != 1 ]] && ! WORLD_SIZE=$((nproc * nnodes)) LOC
     exit 2
 fi
 
-# On SIGTERM/SIGUSR1 torchrun passes the signal on to the ranks, which finish
-# their step and save a checkpoint ([preemption]); it waits this long for them.
-export TORCHELASTIC_SIGNALS_TO_HANDLE="${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
+# On SIGTERM/SIGUSR1 the launcher (ext.launch) passes the signal on to the ranks,
+# which finish their step and save a checkpoint ([preemption]); it waits this
+# long for them.
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}"
 
 cmd=("$EXT_PYTHON" -m ext.launch "${launch[@]}"

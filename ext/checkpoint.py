@@ -37,12 +37,12 @@ leaves open, and :class:`SafeCheckpointManager` closes:
   so ``transformers`` loads the folder directly.
 
 :func:`install_checkpoint_manager` (called when ``ext.job_config`` is
-imported) makes torchtitan's Trainer build this class: the ``run_train.sh``
-path and the plugin path with a stock ``torchtitan.train`` both get it, and
-so does any Trainer subclass that calls ``Trainer.__init__``.
+imported) makes every torchtitan ``CheckpointManager`` built afterwards this
+class: ``run_train.sh``, ``python -m ext.train``, stock ``python -m
+torchtitan.train`` with our config module, and a fork's own trainer.
 
 Test hook: with the environment variable ``EXT_CHECKPOINT_HOLD_COMMIT=N``
-the save of step N writes all its data and then blocks before its
+(or ``*``: every save) the save of step N writes all its data and then blocks before its
 ``.metadata`` (for 10 minutes, then the process exits), so a test can kill a
 run in the middle of a save at a known point. Never set it in real runs.
 """
@@ -152,8 +152,8 @@ class SafeCheckpointManager(CheckpointManager):
     """torchtitan's CheckpointManager with prompt failures, a final wait, safe
     purging and resume, and loadable ``last_save_in_hf`` folders (module doc).
 
-    Adds no constructor state, so an existing manager can also be upgraded in
-    place with :func:`upgrade`.
+    Adds no constructor state, so :func:`install_checkpoint_manager` can turn a
+    manager built by torchtitan's own constructor into this class in place.
     """
 
     _inflight: str | None = None  # folder of the save in flight (async modes)
@@ -325,6 +325,16 @@ class SafeCheckpointManager(CheckpointManager):
             )
             return
         shutil.rmtree(os.path.join(path, "sharded"), ignore_errors=True)
+        # Bias balancing with last_save_in_hf is refused at start unless [moe]
+        # allow_routing_drift (ext.models.moe.moe_args_from_config); say what was dropped.
+        parts = getattr(self.states.get("model"), "model", [])
+        biases = [m.expert_bias for part in parts for m in part.modules()
+                  if getattr(m, "expert_bias", None) is not None]
+        if any(bool(b.any()) for b in biases):
+            logger.warning(
+                f"{path}: [moe] allow_routing_drift: the MoE routing biases (moe.expert_bias) are not "
+                "in this Hugging Face folder; it picks other experts for some tokens than the trained model."
+            )
         write_hf_metadata(
             path,
             model_args,
@@ -334,16 +344,9 @@ class SafeCheckpointManager(CheckpointManager):
         logger.info(f"{path}: Hugging Face folder (config, generation config, tokenizer) complete.")
 
 
-def upgrade(checkpointer: CheckpointManager) -> CheckpointManager:
-    """Turn an existing torchtitan CheckpointManager into a SafeCheckpointManager."""
-    if type(checkpointer) is CheckpointManager:
-        checkpointer.__class__ = SafeCheckpointManager
-    return checkpointer
-
-
 def _install_commit_hold() -> None:
     """The ``EXT_CHECKPOINT_HOLD_COMMIT`` test hook (module doc)."""
-    step = os.environ.get(HOLD_ENV)
+    step = os.environ.get(HOLD_ENV)  # a step number, or "*": every save
     if not step:
         return
     from torch.distributed.checkpoint import FileSystemWriter
@@ -353,7 +356,8 @@ def _install_commit_hold() -> None:
         return
 
     def finish(self, metadata, results):
-        if os.path.basename(os.path.normpath(str(self.path))) == f"step-{step}":
+        name = os.path.basename(os.path.normpath(str(self.path)))
+        if name == f"step-{step}" or (step == "*" and _STEP_DIR.fullmatch(name)):
             logger.warning(
                 f"{HOLD_ENV}={step}: data of {self.path} written; holding before .metadata (pid {os.getpid()})"
             )
@@ -366,25 +370,38 @@ def _install_commit_hold() -> None:
 
 
 def install_checkpoint_manager() -> bool:
-    """Make torchtitan's Trainer build :class:`SafeCheckpointManager`.
+    """Make every torchtitan ``CheckpointManager`` a :class:`SafeCheckpointManager`.
 
-    Rebinds the ``CheckpointManager`` name that ``torchtitan.train`` looks up
-    when a Trainer is constructed. Leaves a fork's own replacement class in
-    place (returns False, with a warning). Idempotent.
+    The hook sits in torchtitan's class itself (its ``__init__`` turns a
+    plain ``CheckpointManager`` into ours once built; ours adds no state of
+    its own), not in a module attribute, so every entry point gets it:
+    ``run_train.sh`` / ``python -m ext.train``, stock ``python -m
+    torchtitan.train`` (whose code then runs as ``__main__``, a module
+    object a rebinding of ``torchtitan.train.CheckpointManager`` would not
+    reach), and a fork's own trainer that imported ``CheckpointManager``
+    from ``torchtitan.components.checkpoint`` before this ran. A fork's own
+    subclass of it is left alone, with one warning. Idempotent; returns
+    True once installed.
     """
-    import torchtitan.train as tt_train
-
     _install_commit_hold()
-    current = tt_train.CheckpointManager
-    if isinstance(current, type) and issubclass(current, SafeCheckpointManager):
+    init = CheckpointManager.__init__
+    if getattr(init, "_ext_safe", False):
         return True
-    if current is not CheckpointManager:
-        logger.warning(
-            f"torchtitan.train.CheckpointManager is {current.__module__}.{current.__name__}, "
-            "not torchtitan's; leaving it (ext.checkpoint's save/resume safeguards are off)."
-        )
-        return False
-    tt_train.CheckpointManager = SafeCheckpointManager
+
+    def __init__(self: CheckpointManager, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        cls = type(self)
+        if cls is CheckpointManager:
+            self.__class__ = SafeCheckpointManager
+        elif not issubclass(cls, SafeCheckpointManager):
+            logger.warning(
+                f"the checkpoint manager is {cls.__module__}.{cls.__name__}, not torchtitan's; "
+                "leaving it (ext.checkpoint's save/resume safeguards are off for this run)."
+            )
+
+    __init__._ext_safe = True  # type: ignore[attr-defined]
+    __init__.__wrapped__ = init  # type: ignore[attr-defined]
+    CheckpointManager.__init__ = __init__  # type: ignore[method-assign]
     return True
 
 

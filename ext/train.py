@@ -22,6 +22,7 @@ from torchtitan.train import main
 
 from ext.checkpoint import Preempted
 from ext.errors import ConfigError, DataError, one_line
+from ext.launch import STOP_REPORT_ENV
 from ext.trainer import Trainer  # torchtitan's, plus the [input_pipeline] prefetch
 
 CONFIG_MODULE = "ext.job_config"
@@ -94,6 +95,7 @@ def run(trainer_class: type = Trainer) -> None:
     except Preempted as exc:  # saved and committed (checkpointing on); torchtitan closed the trainer
         logger.warning(str(exc))
         _record_for_torchrun(str(exc))
+        _report_clean_stop(str(exc))
         sys.stderr.flush()
         sys.exit(128 + exc.signum)
     except (ConfigError, DataError) as exc:
@@ -102,6 +104,16 @@ def run(trainer_class: type = Trainer) -> None:
         _record_for_torchrun(message)
         sys.stderr.flush()
         sys.exit(2)
+
+
+def _report_clean_stop(message: str) -> None:
+    """Tell ``ext.launch`` that this rank finished its stop (its checkpoint,
+    when checkpointing is on, is committed): a file per local rank in the
+    folder the launcher names (``EXT_STOP_REPORT_DIR``)."""
+    folder = os.environ.get(STOP_REPORT_ENV)
+    if folder and os.path.isdir(folder):
+        with open(os.path.join(folder, f"rank-{os.environ.get('LOCAL_RANK', '0')}"), "w") as f:
+            f.write(message)
 
 
 def _record_for_torchrun(message: str) -> None:
