@@ -360,3 +360,67 @@ def flex_block_mask_of(segment_ids: torch.Tensor):
     from ext.attention.masks import flex_block_mask
 
     return flex_block_mask(segment_ids)
+
+
+# -- benchmarks/attention.py measures the model and the kernels it claims to ------------
+
+def attention_benchmark():
+    import importlib.util
+
+    from .conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("attention_benchmark", REPO / "benchmarks" / "attention.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_attention_benchmark_model_keeps_rope_complex_and_the_fp32_logits():
+    from types import SimpleNamespace
+
+    bench = attention_benchmark()
+    cfg = SimpleNamespace(dim=64, layers=2, heads=4, seq_len=64)
+    model = bench.build_model("none", cfg, torch.device("cpu"), torch.float32)
+    ref_args = SegmentLlama3Args(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=2048, multiple_of=64,
+                                 max_seq_len=64, mask_backend="none", attn_type="sdpa")
+    torch.manual_seed(0)
+    reference = SegmentLlama3(ref_args)
+    with torch.no_grad():
+        reference.init_weights()
+    tokens = torch.randint(0, 2048, (2, 64), generator=torch.Generator().manual_seed(0))
+    assert model.freqs_cis.dtype == torch.complex64
+    with torch.no_grad():
+        assert torch.equal(model(tokens), reference(tokens))
+    bf16 = bench.build_model("none", cfg, torch.device("cpu"), torch.bfloat16)
+    assert bf16.freqs_cis.dtype == torch.complex64
+    assert torch.equal(bf16.freqs_cis, reference.freqs_cis)
+    assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
+
+
+def emulated_varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                         enable_gqa=False):
+    """torch's varlen_attn (CUDA only) on CPU from dense SDPA, one span at a time:
+    window (-1, -1) attends the whole span (its default), (-1, 0) is causal."""
+    assert window_size in ((-1, -1), (-1, 0)) and torch.equal(cu_seq_q, cu_seq_k)
+    out = torch.empty_like(q)
+    for a, b in zip(cu_seq_q[:-1].tolist(), cu_seq_q[1:].tolist()):
+        qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))
+        o = torch.nn.functional.scaled_dot_product_attention(
+            qs, ks, vs, is_causal=window_size == (-1, 0), scale=scale, enable_gqa=enable_gqa)
+        out[a:b] = o.transpose(0, 1)
+    return out
+
+
+def test_attention_benchmark_varlen_call_is_causal_within_documents():
+    bench = attention_benchmark()
+    seg = bench.web_like_segments(2, 256)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 256, 16, generator=g) for _ in range(3))
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(seg))
+    got = bench.varlen_output(emulated_varlen_attn, q, k, v, seg)
+    assert (got - reference).abs().max() < 1e-5
+    # the emulator tells the two windows apart: varlen's default window is not causal
+    meta = varlen_metadata(seg)
+    packed = [t.transpose(1, 2).reshape(512, 4, 16) for t in (q, k, v)]
+    default = emulated_varlen_attn(*packed, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen)
+    assert (default.view(2, 256, 4, 16).transpose(1, 2) - reference).abs().max() > 0.1
