@@ -325,3 +325,19 @@ def test_loader_skips_counts_and_names_a_rejected_conversation_even_with_bad_rec
     assert sum(source.refused.values()) == 1
     assert "System role not supported" in next(iter(source.refused))
     assert f"{f}:2: the chat template rejects it" in caplog.text
+
+
+def test_sft_template_kwargs_parse_from_toml_and_reach_the_encoder(tmp_path):
+    from torchtitan.config import ConfigManager
+
+    import ext.job_config  # noqa: F401
+    from ext.data.loader import _encoder
+
+    config = tmp_path / "sft.toml"
+    config.write_text(f'[job]\ncustom_config_module = "ext.job_config"\n[model]\nhf_assets_path = "{TOKENIZER}"\n'
+                      "[sft]\nenable = true\ntemplate_kwargs = {enable_thinking = false}\n"
+                      'dropped_reasoning = "untrained"\n')
+    job = ConfigManager().parse_args(["--job.config_file", str(config)])
+    spec = _encoder(job, None)
+    assert dict(spec.template_kwargs) == {"enable_thinking": False} and spec.dropped_reasoning == "untrained"
+    assert spec.build().chat.kwargs["enable_thinking"] is False

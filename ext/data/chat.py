@@ -71,7 +71,7 @@ UNTRAINED_BIT = 1 << 30
 
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 EMPTY_THINK = re.compile(r"<think>\s*</think>\s*")
-_MARK = re.compile("\ue000(\\d+|e)\ue001")
+_MARK = re.compile("\ue000(\\d+|e|g|G)\ue001")
 
 
 @dataclass
@@ -195,8 +195,9 @@ class Encoded:
 
 
 def _instrument(env: Any, source: str) -> Any:
-    """The template compiled with turn markers: ``ext_turn_mark(item, k)`` at the start of
-    every iteration of every loop that outputs text, ``ext_turn_end(k)`` after that loop."""
+    """The template compiled with markers: ``ext_turn_mark(item, k)`` at the start of every
+    iteration of every loop that outputs text, ``ext_turn_end(k)`` after that loop, and
+    constant markers around the output of each ``{% generation %}`` block."""
     from jinja2 import nodes
 
     tree = env.parse(source)
@@ -208,6 +209,10 @@ def _instrument(env: Any, source: str) -> Any:
     def visit(node: Any) -> None:
         for child in node.iter_child_nodes():
             visit(child)
+        if (isinstance(node, nodes.CallBlock) and isinstance(node.call.node, nodes.ExtensionAttribute)
+                and node.call.node.name == "_generation_support"):  # {% generation %}: mark its output
+            node.body = [nodes.Output([nodes.TemplateData("\ue000g\ue001")]).set_lineno(node.lineno),
+                         *node.body, nodes.Output([nodes.TemplateData("\ue000G\ue001")]).set_lineno(node.lineno)]
         for field in ("body", "else_"):
             body = getattr(node, field, None)
             if not isinstance(body, list):
@@ -301,6 +306,7 @@ class ChatEncoder:
         self.truncated = 0
         self.fallbacks = 0
         self.renders = 0
+        self.use_markers = True  # False: always the slow prefix-render path (benchmarks compare both)
 
     # -- rendering ---------------------------------------------------------------------------
 
@@ -317,48 +323,37 @@ class ChatEncoder:
                                   add_generation_prompt=generation_prompt, **self.kwargs)
 
     def _render_marked(self, chat: list, tools: Any) -> tuple[str, dict[int, tuple[int, int]], list]:
-        """(text, message index -> (start, end) of its turn, generation spans), one render."""
+        """(text, message index -> (start, end) of its turn, generation-tag spans), one render."""
         self.renders += 1
         marks = _Marks(chat)
-        blocks: list[str] = []
+        marked = self._marked.render(messages=chat, tools=tools, documents=None, add_generation_prompt=False,
+                                     ext_turn_mark=marks.mark, ext_turn_end=marks.end, **self.kwargs)
+        pieces: list[str] = []
+        starts: list[tuple[int, int]] = []  # (message index, or -1 for a loop end; position in clean text)
         tags: list[tuple[int, int]] = []
-        ctx = dict(messages=chat, tools=tools, documents=None, add_generation_prompt=False,
-                   ext_turn_mark=marks.mark, ext_turn_end=marks.end, **self.kwargs)
-        if self.has_tags:
-            with self._marked.environment.activate_tracker(blocks, tags):
-                for block in self._marked.generate(**ctx):
-                    blocks.append(block)
-        else:
-            blocks = list(self._marked.generate(**ctx))
-        marked = "".join(blocks)
-        pieces, removed, last = [], [], 0  # removed: (position in marked text, characters removed before it)
-        starts: list[tuple[int, int]] = []  # (message index or -1 for a loop end, position in clean text)
-        shift = 0
+        last = shift = 0
+        open_tag = None
         for m in _MARK.finditer(marked):
             pieces.append(marked[last:m.start()])
             pos = m.start() - shift
-            starts.append((-1 if m.group(1) == "e" else int(m.group(1)), pos))
             shift += m.end() - m.start()
-            removed.append((m.end(), shift))
             last = m.end()
+            kind = m.group(1)
+            if kind == "g":
+                open_tag = pos if open_tag is None else open_tag
+            elif kind == "G":
+                if open_tag is not None:
+                    tags.append((open_tag, pos))
+                open_tag = None
+            else:
+                starts.append((-1 if kind == "e" else int(kind), pos))
         pieces.append(marked[last:])
         text = "".join(pieces)
-
-        def clean(p: int) -> int:
-            s = 0
-            for end, total in removed:
-                if end <= p:
-                    s = total
-                else:
-                    break
-            return p - s
-
         turns: dict[int, tuple[int, int]] = {}
         for (i, pos), (_, nxt) in zip(starts, starts[1:] + [(-1, len(text))]):
             if i >= 0:
                 turns[i] = (pos, nxt)
-        spans = [(clean(a), clean(b)) for a, b in tags] if tags else []
-        return text, turns, spans
+        return text, turns, tags
 
     def _header(self, chat: list, tools: Any) -> str:
         """The generation prompt before the first assistant turn ('' when there is none)."""
@@ -462,7 +457,7 @@ class ChatEncoder:
             return self._refuse(f"not a conversation: {conv}")
         try:
             chat, plain_tools = self._prepare(conv.messages, tools)
-            found = self._spans_by_markers(chat, plain_tools)
+            found = self._spans_by_markers(chat, plain_tools) if self.use_markers else None
             if found is None:
                 self.fallbacks += 1
                 found = self._spans_by_prefixes(chat, plain_tools)
@@ -472,9 +467,10 @@ class ChatEncoder:
         if isinstance(found, str):
             return self._refuse(found)
         text, spans = found
-        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = np.asarray(enc["input_ids"], np.int32)
-        starts = np.array([s for s, _ in enc["offset_mapping"]], dtype=np.int64)
+        # the fast tokenizer's backend, as tokenizer(text, add_special_tokens=False) calls it
+        enc = self.tok.backend_tokenizer.encode(text, add_special_tokens=False)
+        ids = np.asarray(enc.ids, np.int32)
+        starts = np.fromiter((s for s, _ in enc.offsets), dtype=np.int64, count=len(ids))
         trained = np.zeros(len(ids), dtype=bool)
         ends = []  # token index just past each trained span
         for a, b in spans:
