@@ -341,3 +341,16 @@ def test_sft_template_kwargs_parse_from_toml_and_reach_the_encoder(tmp_path):
     spec = _encoder(job, None)
     assert dict(spec.template_kwargs) == {"enable_thinking": False} and spec.dropped_reasoning == "untrained"
     assert spec.build().chat.kwargs["enable_thinking"] is False
+
+
+def test_a_template_whose_turns_markers_cannot_place_falls_back_to_prefix_renders():
+    tok = tokenizer()
+    # loops over indices, not messages: no turn marker lands, so every prefix is rendered
+    tok.chat_template = (
+        "{{ bos_token }}{% for i in range(messages|length) %}{% set m = messages[i] %}"
+        "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    encoder = ChatEncoder(tok)
+    enc = encoder.encode(CHAT)
+    assert encoder.fallbacks == 1
+    assert trained_runs(tok, enc) == prefix_reference(tok, CHAT) == ["apple<|im_end|>", "7 is odd.<|im_end|>"]

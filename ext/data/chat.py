@@ -355,17 +355,18 @@ class ChatEncoder:
                 turns[i] = (pos, nxt)
         return text, turns, tags
 
-    def _header(self, chat: list, tools: Any) -> str:
-        """The generation prompt before the first assistant turn ('' when there is none)."""
+    def _header(self, chat: list, tools: Any) -> str | None:
+        """The generation prompt before the first assistant turn ('' when the template has
+        none); None when it cannot be told (the template refuses that prefix)."""
         k = next((i for i, m in enumerate(chat) if m.get("role") == "assistant"), None)
         if k is None:
             return ""
         try:
             bare = self._render(chat[:k], tools)
             prompted = self._render(chat[:k], tools, generation_prompt=True)
-        except Exception:  # e.g. a template that needs a first message
-            return ""
-        return prompted[len(bare):] if prompted.startswith(bare) else ""
+        except Exception:  # e.g. a template that needs a first user message
+            return None
+        return prompted[len(bare):] if prompted.startswith(bare) else None
 
     # -- spans -------------------------------------------------------------------------------
 
@@ -406,6 +407,8 @@ class ChatEncoder:
         if any(m.get("role") == "assistant" and i not in turns for i, m in enumerate(chat)):
             return None
         header = self._header(chat, tools) if "assistant" in self.train_roles else ""
+        if header is None:  # the slow path renders every prefix (and says why it cannot)
+            return None
         spans = []
         for i in self._chosen(chat, set(turns)):
             a, b = turns[i]
