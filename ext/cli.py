@@ -15,6 +15,9 @@ Commands:
   safetensors, index, config, generation config, tokenizer); see
   :mod:`ext.export`.
 
+* ``tokenize``: write a source as pre-tokenized token shards (datatrove's
+  ``.ds`` layout) that training reads memory-mapped; see :mod:`ext.data.tokenized`.
+
 Commands marked ``config_args`` read the trainer's config exactly as training
 does: ``--job.config_file X`` plus any ``--section.key value`` overrides, parsed
 by torchtitan's ConfigManager with ``ext.job_config``. A bad setting ends the
@@ -283,6 +286,75 @@ register(Command(
     help="check a training config (sources, assets, sizes, layout, attention, schedule) without training",
     add_arguments=_check_arguments,
     run=_check,
+    config_args=True,
+))
+
+
+# --------------------------------------------------------------------- tokenize
+
+
+def _tokenize_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", metavar="SOURCE",
+                        help="data file, folder or glob (.jsonl, .txt, each also .gz/.zst, .parquet)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="token folder to write (new or empty)")
+    parser.add_argument("--job.config_file", dest="config_file", required=True,
+                        help="TOML config: tokenizer ([model] hf_assets_path), [data] add_bos/add_eos, "
+                             "text_fields, bad_records")
+    parser.add_argument("--workers", type=int, default=max(len(os.sched_getaffinity(0)), 1),
+                        help="tokenizing processes (default: the CPU cores)")
+    parser.add_argument("--text-field", default=None,
+                        help="record field holding the text (default: [data] text_fields, one entry)")
+    parser.add_argument("--chunk-mb", type=float, default=64,
+                        help="input MiB per output shard (uncompressed files and parquet are cut; default 64)")
+
+
+def _tokenize(args: argparse.Namespace, config_argv: list[str]) -> int:
+    """``tokenize``: a source -> a token folder (see :mod:`ext.data.tokenized`)."""
+    from ext.data.tokenized import summary_line, tokenize_source
+    from ext.errors import DataError, one_line
+
+    cfg = load_job_config(["--job.config_file", args.config_file, *config_argv])
+    if getattr(cfg, "sft", None) is not None and cfg.sft.enable:
+        raise ConfigError("[sft] enable = true: tokenize writes plain-text documents, not chat samples; "
+                          "set [sft] enable = false to tokenize text")
+    assets = cfg.model.hf_assets_path
+    if not os.path.isfile(os.path.join(assets, "tokenizer.json")):
+        raise ConfigError(f"[model] hf_assets_path {assets!r} has no tokenizer.json; point it at the tokenizer")
+    fields = list(cfg.data.text_fields)
+    if args.text_field is None and len(fields) != 1:
+        raise ConfigError(f"[data] text_fields has {len(fields)} entries; say which with --text-field")
+    from torchtitan.components.tokenizer import HuggingFaceTokenizer
+    from tqdm import tqdm
+
+    tok = HuggingFaceTokenizer(assets)
+    bar = tqdm(total=0, unit="B", unit_scale=True, desc="tokenize", disable=None, file=sys.stderr)
+
+    def progress(done: int, total: int, tokens: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+        bar.set_postfix_str(f"{tokens:,} tokens", refresh=False)
+
+    try:
+        info = tokenize_source(
+            args.source, args.out, tok.tokenizer, tokenizer_name=assets,
+            bos_id=tok.bos_id if cfg.data.add_bos else None, eos_id=tok.eos_id if cfg.data.add_eos else None,
+            text_field=args.text_field or fields[0], bad_records=cfg.data.bad_records,
+            workers=args.workers, chunk_bytes=max(int(args.chunk_mb * 2**20), 1), progress=progress,
+        )
+    except DataError as exc:
+        bar.close()
+        print(f"error: {one_line(exc)} (nothing was written to {args.out})", file=sys.stderr)
+        return 2
+    bar.close()
+    print(summary_line(info, args.out))
+    return 0
+
+
+register(Command(
+    name="tokenize",
+    help="write a source as pre-tokenized shards (datatrove .ds layout) that [data] datasets can read",
+    add_arguments=_tokenize_arguments,
+    run=_tokenize,
     config_args=True,
 ))
 
