@@ -16,9 +16,19 @@ leaves open, and :class:`SafeCheckpointManager` closes:
   flight before exit.
 - **Purging counts interrupted saves.** ``keep_latest_k`` counted every
   ``step-N`` folder, so folders left by killed saves could push the last
-  complete checkpoint out; two kills in a row could leave none. Here only
-  committed folders and the one save in flight count; interrupted leftovers
-  are deleted. torchtitan also never purged after the final save.
+  complete checkpoint out; two kills in a row could leave none, and a
+  finished run kept one full checkpoint besides its final model-only one.
+  Here ``keep_latest_k`` counts committed *full* checkpoints only; newer
+  committed folders (the final weights-only save) and the save in flight
+  are kept besides them; interrupted leftovers are deleted. torchtitan also
+  never purged after the final save.
+- **Corruption was found late or never.** A truncated data file failed the
+  load with ``EOFError``, a flipped byte loaded silently (DCP has no
+  checksums). Here rank 0 writes ``ext_manifest.json`` (size and CRC-32 of
+  every file) after each commit; before loading, the ranks check each file
+  against ``.metadata``'s offsets and, between them, against the manifest,
+  and fall back to the newest intact full checkpoint with one warning
+  naming the bad file.
 - **Resuming could pick a checkpoint it cannot load.** The final save is
   model-only by default (``last_save_model_only``) or in HF format
   (``last_save_in_hf``); torchtitan picked it as the newest step and then
@@ -49,12 +59,15 @@ run in the middle of a save at a known point. Never set it in real runs.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import signal
+import threading
 import time
-from typing import Any
+import zlib
+from typing import Any, Callable
 
 import torch.distributed as dist
 from torchtitan.components.checkpoint import AsyncMode, CheckpointManager
@@ -113,23 +126,105 @@ def checkpoint_kind(path: str) -> str:
     return "incomplete"
 
 
-_SKIP_REASON = {
+MANIFEST = "ext_manifest.json"
+_CHUNK = 8 << 20
+
+
+def _crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def write_manifest(path: str) -> None:
+    """Write ``path``'s manifest: the size and CRC-32 of every file of a
+    committed DCP folder (DCP itself has no checksums). Written to a temporary
+    name and renamed, so a manifest is whole or absent."""
+    entries = {}
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if name != MANIFEST and not name.startswith(".ext-") and os.path.isfile(full):
+            entries[name] = {"size": os.path.getsize(full), "crc32": _crc32(full)}
+    tmp = os.path.join(path, f".ext-{MANIFEST}.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"format": 1, "files": entries}, f)
+    os.replace(tmp, os.path.join(path, MANIFEST))
+
+
+def checkpoint_problem(path: str, share: tuple[int, int] = (0, 1)) -> str | None:
+    """Why the committed DCP folder ``path`` cannot be loaded intact, or None.
+
+    Every caller checks that each data file holds the bytes ``.metadata``
+    places in it (a truncated file; works for folders without a manifest).
+    With a manifest (:func:`write_manifest`), files ``i`` with ``i % n == r``
+    for ``share = (r, n)`` are also checked for their size and CRC-32, so
+    ``n`` ranks read the checkpoint once between them.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        storage = FileSystemReader(path).read_metadata().storage_data or {}
+    except Exception:
+        return f"{DCP_COMMIT} cannot be read (truncated or corrupted)"
+    needed: dict[str, int] = {}
+    for info in storage.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        full = os.path.join(path, name)
+        have = os.path.getsize(full) if os.path.isfile(full) else -1
+        if have < size:
+            return f"{name} is {'missing' if have < 0 else f'truncated ({have} of {size} bytes)'}"
+    manifest = os.path.join(path, MANIFEST)
+    if not os.path.isfile(manifest):
+        return None
+    try:
+        with open(manifest) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError):
+        return f"{MANIFEST} cannot be read"
+    rank, n = share
+    for i, (name, want) in enumerate(sorted(files.items())):
+        if i % n != rank:
+            continue
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            return f"{name} is missing"
+        if os.path.getsize(full) != want["size"]:
+            return f"{name} has {os.path.getsize(full)} bytes, the manifest says {want['size']}"
+        if _crc32(full) != want["crc32"]:
+            return f"{name} does not match its checksum (corrupted)"
+    return None
+
+
+_SKIP_REASON = {  # why a folder is not resumable, by checkpoint_kind
     "incomplete": "incomplete (no .metadata: its save was interrupted)",
     "model": "model weights only (checkpoint.last_save_model_only), no training state",
     "hf": "Hugging Face safetensors (checkpoint.last_save_in_hf), no training state",
 }
 
 
-def newest_resumable(folder: str) -> tuple[int, list[tuple[int, str]]]:
+def newest_resumable(
+    folder: str, problem: Callable[[str], str | None] | None = None
+) -> tuple[int, list[tuple[int, str]]]:
     """The newest step to resume from in ``folder`` (-1 if none), and the newer
-    folders passed over as ``(step, kind)``. A full checkpoint qualifies, and a
-    model-only one at step 0 (torchtitan's seed checkpoint)."""
+    folders passed over as ``(step, why)``. A full checkpoint qualifies, and a
+    model-only one at step 0 (torchtitan's seed checkpoint), unless
+    ``problem(path)`` names a reason it cannot be loaded intact."""
     skipped = []
     for step, path in sorted(step_folders(folder).items(), reverse=True):
         kind = checkpoint_kind(path)
         if kind == "full" or (kind == "model" and step == 0):
-            return step, skipped
-        skipped.append((step, kind))
+            why = problem(path) if problem else None
+            if why is None:
+                return step, skipped
+            skipped.append((step, f"corrupted: {why}"))
+            continue
+        if kind == "incomplete" and os.path.isfile(os.path.join(path, DCP_COMMIT)):
+            skipped.append((step, f"corrupted: {DCP_COMMIT} cannot be read (truncated or corrupted)"))
+            continue
+        skipped.append((step, _SKIP_REASON[kind]))
     return -1, skipped
 
 
@@ -211,6 +306,7 @@ class SafeCheckpointManager(CheckpointManager):
             raise CheckpointSaveError(f"checkpoint save to {checkpoint_id} failed: {_cause(exc)}") from exc
         if async_mode == AsyncMode.DISABLED:
             logger.info(f"Checkpoint {checkpoint_id} committed.")
+            self._start_manifest(checkpoint_id)
         else:
             self._inflight = checkpoint_id
         return result
@@ -223,6 +319,10 @@ class SafeCheckpointManager(CheckpointManager):
         """
         if _rank() != 0:
             return
+        self._join_manifest()
+        manifest = os.path.join(checkpoint_id, MANIFEST)
+        if os.path.isfile(manifest):
+            os.remove(manifest)
         for name in (DCP_COMMIT, HF_COMMIT):
             marker = os.path.join(checkpoint_id, name)
             if os.path.isfile(marker):
@@ -258,6 +358,33 @@ class SafeCheckpointManager(CheckpointManager):
         self._inflight = None
         waited = f" (waited {time.monotonic() - began:.2f}s for it)" if pending else ""
         logger.info(f"Checkpoint {path} committed{waited}.")
+        self._start_manifest(path)
+        self._purge_stale_checkpoints()  # counts it now that it is a committed full checkpoint
+
+    _manifest_thread: threading.Thread | None = None
+
+    def _start_manifest(self, path: str) -> None:
+        """Rank 0 writes ``path``'s manifest in a background thread (it reads
+        the whole checkpoint back); the next one and :meth:`close` wait for it.
+        A run killed before it finishes leaves a checkpoint without manifest,
+        which loads after the size check only."""
+        if _rank() != 0 or not os.path.isfile(os.path.join(path, DCP_COMMIT)):
+            return
+        self._join_manifest()
+
+        def write() -> None:
+            try:
+                write_manifest(path)
+            except OSError as exc:
+                logger.warning(f"Checkpoint {path}: manifest not written ({exc}); it will load unverified.")
+
+        self._manifest_thread = threading.Thread(target=write, name="ext-manifest", daemon=True)
+        self._manifest_thread.start()
+
+    def _join_manifest(self) -> None:
+        if self._manifest_thread is not None:
+            self._manifest_thread.join()
+            self._manifest_thread = None
 
     def close(self) -> None:
         try:
@@ -265,6 +392,7 @@ class SafeCheckpointManager(CheckpointManager):
                 logger.info(f"Waiting for the checkpoint save in flight ({self._inflight}) before exit.")
                 self._async_wait()
         finally:
+            self._join_manifest()
             super().close()
 
     # ----------------------------------------------------------------- purging
@@ -277,15 +405,18 @@ class SafeCheckpointManager(CheckpointManager):
         ):
             return
         folders = step_folders(self.folder)
-        live = {step for step, path in folders.items() if is_committed(path)}
-        inflight = self._inflight if getattr(self, "save_future", None) is not None else None
-        if inflight and os.path.dirname(os.path.abspath(inflight)) == os.path.abspath(self.folder):
-            match = _STEP_DIR.fullmatch(os.path.basename(os.path.normpath(inflight)))
-            if match:  # its folder may not exist yet: the writer thread creates it
-                live.add(int(match.group(1)))
-        keep = set(sorted(live)[-self.keep_latest_k:])
+        full = sorted(step for step, path in folders.items() if checkpoint_kind(path) == "full")
+        oldest_kept = full[-self.keep_latest_k] if len(full) >= self.keep_latest_k else -1
+        inflight = None
+        if self._inflight and getattr(self, "save_future", None) is not None:
+            match = _STEP_DIR.fullmatch(os.path.basename(os.path.normpath(self._inflight)))
+            same = os.path.dirname(os.path.abspath(self._inflight)) == os.path.abspath(self.folder)
+            inflight = int(match.group(1)) if match and same else None
         for step, path in sorted(folders.items()):
-            if step not in keep:
+            # keep: the newest k full checkpoints, any committed folder newer than
+            # them (a final model-only / HF save) and the save in flight
+            newer = step >= oldest_kept and is_committed(path)
+            if step != inflight and not newer:
                 self.purge_queue.put(path)
 
     # ----------------------------------------------------------------- loading
@@ -293,18 +424,32 @@ class SafeCheckpointManager(CheckpointManager):
     def _find_load_step(self, folder: str = "") -> int:
         if folder and os.path.abspath(folder) != os.path.abspath(self.folder):
             return super()._find_load_step(folder)  # TorchFT's per-replica loader folders
-        step, skipped = newest_resumable(self.folder)
-        for newer, kind in skipped:
+        group = host_group()  # collective: every rank loads
+        rank, n = (dist.get_rank(), dist.get_world_size()) if group is not None else (0, 1)
+
+        def problem(path: str) -> str | None:
+            # each rank checks its share of the files; all agree on the verdict
+            mine = checkpoint_problem(path, (rank, n))
+            if reduce_host_int(int(mine is not None), dist.ReduceOp.MAX, group) == 0:
+                return None
+            return mine or "a data file failed its check on another rank (see that rank's log)"
+
+        began = time.monotonic()
+        step, skipped = newest_resumable(self.folder, problem)
+        if step >= 0:
+            logger.info(f"Checkpoint step-{step} verified in {time.monotonic() - began:.1f}s.")
+        for newer, why in skipped:
             use = f"resuming from step-{step}" if step >= 0 else "no checkpoint to resume from"
-            logger.warning(f"Checkpoint step-{newer} skipped: {_SKIP_REASON[kind]}; {use}.")
-        if step < 0 and any(kind in ("model", "hf") for _, kind in skipped):
-            newest = max(s for s, kind in skipped if kind in ("model", "hf"))
+            logger.warning(f"Checkpoint step-{newer} skipped: {why}; {use}.")
+        weights = {s: why for s, why in skipped if why in (_SKIP_REASON["model"], _SKIP_REASON["hf"])}
+        if step < 0 and weights:
+            newest = max(weights)
             raise ConfigError(
                 f"checkpoint.folder {self.folder} holds no resumable checkpoint, only weights "
                 f"(step-{newest}); to start a new run from them, use another job.dump_folder "
                 f"with --checkpoint.initial_load_path {os.path.join(self.folder, f'step-{newest}')} "
                 "--checkpoint.initial_load_model_only"
-                + (" --checkpoint.initial_load_in_hf" if dict(skipped)[newest] == "hf" else "")
+                + (" --checkpoint.initial_load_in_hf" if weights[newest] == _SKIP_REASON["hf"] else "")
             )
         return step
 

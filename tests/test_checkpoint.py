@@ -3,6 +3,7 @@ and resume (ext/checkpoint.py), and exact resume of a real run after SIGKILL."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -273,9 +274,10 @@ def test_a_kill_during_a_save_keeps_the_previous_checkpoint_and_resume_skips_it(
     assert ".metadata" not in after_kill[HELD] and any(n.endswith(".distcp") for n in after_kill[HELD])
     assert f"Checkpoint step-{HELD} skipped: incomplete" in log
     assert f"Loading the checkpoint from {killed_and_resumed['folder'] / f'step-{previous}'}" in log
-    # the resumed run saved HELD again and the last step; keep_latest_k = 2 keeps those
+    # the resumed run saved HELD again and the last step (model-only); keep_latest_k = 2
+    # counts full checkpoints: the two newest (previous, HELD) stay beside the final weights
     assert sorted(int(p.name.removeprefix("step-")) for p in killed_and_resumed["folder"].glob("step-*")) \
-        == [HELD, STEPS]
+        == [previous, HELD, STEPS]
 
 
 # ------------------------------------- SIGTERM: finish the step, save, stop
@@ -388,3 +390,94 @@ def test_signal_stop_notes_the_first_signal_and_says_what_was_saved(tmp_path):
     assert stopped.signum == signal.SIGUSR1
     assert str(stopped) == "stopped by SIGUSR1 after step 7: nothing saved ([checkpoint] enable is off)"
     assert str(stop_on_signal(signal.SIGTERM, 0, Off())) == "stopped by SIGTERM after step 0: no step was trained"
+
+
+# ------------------------------------- keep_latest_k, manifests, corruption
+
+
+def test_keep_latest_k_counts_full_checkpoints_and_keeps_the_final_weights_besides(tmp_path, process_group):
+    from ext.checkpoint import checkpoint_kind
+
+    manager = _manager(tmp_path, interval=1, keep_latest_k=2)
+    for step in (1, 2, 3, 4):
+        manager.save(step, last_step=step == 4)  # step 4: model-only (torchtitan's default)
+    manager.close()
+    kinds = {s: checkpoint_kind(str(tmp_path / "checkpoint" / f"step-{s}")) for s in _steps(tmp_path)}
+    assert kinds == {2: "full", 3: "full", 4: "model"}
+
+
+def _saved(tmp_path: Path, steps: int = 2, **checkpoint) -> Path:
+    trained = _Counter()
+    manager = _manager(tmp_path, step_state=trained, interval=1, **checkpoint)
+    for step in range(1, steps + 1):
+        trained.value = step
+        manager.save(step)
+    manager.close()
+    return tmp_path / "checkpoint"
+
+
+def _resume(tmp_path: Path) -> int:
+    resumed = _Counter()
+    manager = _manager(tmp_path, step_state=resumed, interval=1)
+    try:
+        assert manager.load() is True
+    finally:
+        manager.close()
+    return resumed.value
+
+
+@pytest.mark.parametrize("async_mode", ["disabled", "async"])
+def test_each_commit_writes_a_manifest_of_sizes_and_checksums(tmp_path, process_group, async_mode):
+    import zlib
+
+    from ext.checkpoint import MANIFEST
+
+    folder = _saved(tmp_path, async_mode=async_mode) / "step-2"
+    files = json.loads((folder / MANIFEST).read_text())["files"]
+    on_disk = sorted(p.name for p in folder.iterdir() if p.name != MANIFEST)
+    assert sorted(files) == on_disk and ".metadata" in files
+    for name, entry in files.items():
+        data = (folder / name).read_bytes()
+        assert entry == {"size": len(data), "crc32": zlib.crc32(data)}
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_in_the_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, process_group, caplog):
+    folder = _saved(tmp_path)
+    _flip_a_byte(folder / "step-2" / "__0_0.distcp")
+    assert _resume(tmp_path) == 1
+    assert "step-2 skipped: corrupted: __0_0.distcp does not match its checksum" in caplog.text
+
+
+def test_a_truncated_data_file_is_caught_without_a_manifest(tmp_path, process_group, caplog):
+    from ext.checkpoint import MANIFEST
+
+    folder = _saved(tmp_path)
+    (folder / "step-2" / MANIFEST).unlink()  # as an older checkpoint has none
+    data = folder / "step-2" / "__0_0.distcp"
+    size = data.stat().st_size
+    data.write_bytes(data.read_bytes()[: size // 2])
+    assert _resume(tmp_path) == 1
+    assert f"step-2 skipped: corrupted: __0_0.distcp is truncated ({size // 2} of" in caplog.text
+
+
+def test_a_truncated_metadata_file_is_named_as_corrupted_not_interrupted(tmp_path, process_group, caplog):
+    folder = _saved(tmp_path)
+    meta = folder / "step-2" / ".metadata"
+    meta.write_bytes(meta.read_bytes()[:20])
+    assert _resume(tmp_path) == 1
+    assert "step-2 skipped: corrupted: .metadata cannot be read" in caplog.text
+
+
+def test_an_intact_checkpoint_with_or_without_manifest_loads(tmp_path, process_group):
+    from ext.checkpoint import MANIFEST
+
+    folder = _saved(tmp_path)
+    assert _resume(tmp_path) == 2
+    (folder / "step-2" / MANIFEST).unlink()
+    assert _resume(tmp_path) == 2
