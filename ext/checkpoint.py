@@ -59,6 +59,7 @@ run in the middle of a save at a known point. Never set it in real runs.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -239,6 +240,54 @@ def _cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _state_nbytes(state: Any) -> int:
+    """Bytes of the tensors in a (nested) state dict: what a save writes, about."""
+    if isinstance(state, dict):
+        return sum(_state_nbytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_state_nbytes(v) for v in state)
+    local = getattr(state, "to_local", None)  # a DTensor: this rank's shard
+    tensor = local() if callable(local) else state
+    if hasattr(tensor, "element_size") and hasattr(tensor, "numel"):
+        return tensor.numel() * tensor.element_size()
+    return 0
+
+
+def _human(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if nbytes < 1024 or unit == "TB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return ""
+
+
+def _out_of_space(path: str, exc: BaseException, needed: int) -> str | None:
+    """"no space left on ..." when the failure looks like a full disk: ENOSPC
+    somewhere in the error, or less room left than this rank's share of the
+    save (torch's writer reports a full disk as ``unexpected pos ...``)."""
+    chain, seen = [exc], set()
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict):
+        chain += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+    enospc = False
+    while chain:
+        e = chain.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        enospc |= isinstance(e, OSError) and e.errno == errno.ENOSPC
+        chain += [e.__cause__, e.__context__]
+    probe = os.path.abspath(path)
+    while not os.path.isdir(probe):
+        probe = os.path.dirname(probe)
+    free = shutil.disk_usage(probe).free
+    if not enospc and free >= needed:
+        return None
+    return (f"no space left on the file system of {probe} ({_human(free)} free; this rank's part "
+            f"of the checkpoint needs about {_human(needed)}): free space or point [checkpoint] folder "
+            "/ [job] dump_folder at a larger disk")
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
@@ -296,6 +345,7 @@ class SafeCheckpointManager(CheckpointManager):
         to_hf: bool = False,
     ):
         self._invalidate(checkpoint_id)
+        self._save_nbytes = _state_nbytes(state_dict)
         try:
             result = super().dcp_save(
                 state_dict, checkpoint_id, async_mode, enable_garbage_collection, to_hf
@@ -303,13 +353,19 @@ class SafeCheckpointManager(CheckpointManager):
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:  # a synchronous save, or staging, failed
-            raise CheckpointSaveError(f"checkpoint save to {checkpoint_id} failed: {_cause(exc)}") from exc
+            raise self._save_error(checkpoint_id, exc) from exc
         if async_mode == AsyncMode.DISABLED:
             logger.info(f"Checkpoint {checkpoint_id} committed.")
             self._start_manifest(checkpoint_id)
         else:
             self._inflight = checkpoint_id
         return result
+
+    _save_nbytes = 0  # tensor bytes of this rank's part of the latest save
+
+    def _save_error(self, path: str, exc: BaseException) -> CheckpointSaveError:
+        why = _out_of_space(path, exc, self._save_nbytes) or _cause(exc)
+        return CheckpointSaveError(f"checkpoint save to {path} failed: {why}")
 
     def _invalidate(self, checkpoint_id: str) -> None:
         """Delete a committed folder's markers before saving into it again.
@@ -353,7 +409,7 @@ class SafeCheckpointManager(CheckpointManager):
         except BaseException as exc:  # DCP's CheckpointException is a BaseException
             self.save_future = None
             self._inflight = None
-            raise CheckpointSaveError(f"checkpoint save to {path} failed: {_cause(exc)}") from exc
+            raise self._save_error(path, exc) from exc
         self.save_future = None
         self._inflight = None
         waited = f" (waited {time.monotonic() - began:.2f}s for it)" if pending else ""

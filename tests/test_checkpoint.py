@@ -481,3 +481,37 @@ def test_an_intact_checkpoint_with_or_without_manifest_loads(tmp_path, process_g
     assert _resume(tmp_path) == 2
     (folder / "step-2" / MANIFEST).unlink()
     assert _resume(tmp_path) == 2
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 256 KB tmpfs (needs root and mount rights, as in CI's container)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)],
+                             capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip("cannot mount a small tmpfs here (needs root with mount rights)")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=False)
+
+
+@pytest.mark.parametrize("async_mode", ["disabled", "async"])
+def test_a_full_disk_is_named_with_the_space_needed(tiny_disk, process_group, async_mode):
+    from torchtitan.components.lr_scheduler import LRSchedulersContainer
+    from torchtitan.components.optimizer import OptimizersContainer
+    from torchtitan.config import Checkpoint
+
+    from ext.checkpoint import CheckpointSaveError, SafeCheckpointManager
+
+    model = nn.Linear(256, 256)  # 257 KB of weights: more than the disk holds
+    optimizers = OptimizersContainer([model], torch.optim.AdamW, {"lr": 1e-3})
+    manager = SafeCheckpointManager(
+        dataloader=None, model_parts=[model], optimizers=optimizers,
+        lr_schedulers=LRSchedulersContainer(optimizers, lambda step: 1.0), states={},
+        checkpoint_config=Checkpoint(enable=True, folder="checkpoint", interval=1, async_mode=async_mode),
+        sd_adapter=None, base_folder=str(tiny_disk),
+    )
+    with pytest.raises(CheckpointSaveError, match=r"no space left on the file system of .*needs about 257\.0 KB"):
+        manager.save(1)
+        manager.close()
