@@ -11,6 +11,10 @@ an accelerator, the CPU support of :mod:`ext.device`, so a stock
 
 from dataclasses import dataclass, field
 
+from ext.compat import check_torchtitan
+
+check_torchtitan()  # a fork without the API we build on stops here, with one line
+
 from ext.attention.config import Attention, SkyLadder
 from ext.checkpoint import install_checkpoint_manager
 from ext.data.config import Data, Sft
