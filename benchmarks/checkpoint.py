@@ -56,7 +56,7 @@ def main() -> None:
     from torchtitan.protocols.train_spec import get_train_spec
 
     import ext.job_config  # noqa: F401
-    from ext.checkpoint import SafeCheckpointManager
+    from ext.checkpoint import SafeCheckpointManager, checkpoint_problem, write_manifest
     from ext.export import dcp_to_hf
 
     class TrainState:
@@ -91,7 +91,7 @@ def main() -> None:
             sd_adapter=None, base_folder=str(folder),
         )
 
-    results: dict[str, list[float]] = {"sync": [], "blocked": [], "committed": [], "export": []}
+    results: dict[str, list[float]] = {"sync": [], "blocked": [], "committed": [], "export": [], "manifest": [], "verify": []}
     checkpoint_mb = 0.0
     for i in range(args.repeat):
         sync_dir, async_dir, hf_dir = root / f"sync{i}", root / f"async{i}", root / f"hf{i}"
@@ -114,6 +114,13 @@ def main() -> None:
         checkpoint_mb = _folder_mb(step)
 
         start = time.perf_counter()
+        write_manifest(str(step))  # what rank 0 does in the background after each commit
+        results["manifest"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        assert checkpoint_problem(str(step)) is None  # what one rank does before loading
+        results["verify"].append(time.perf_counter() - start)
+
+        start = time.perf_counter()
         dcp_to_hf(str(step), str(hf_dir), model_name=args.spec, model_args=model_args,
                   tokenizer_dir=None, progress=False)
         results["export"].append(time.perf_counter() - start)
@@ -133,6 +140,9 @@ def main() -> None:
         "async_committed_s": round(best["committed"], 3),
         "export_s": round(best["export"], 3),
         "export_mb_per_s": round(model_mb / best["export"], 1),
+        "manifest_s": round(best["manifest"], 3),
+        "verify_s": round(best["verify"], 3),
+        "verify_mb_per_s": round(checkpoint_mb / best["verify"], 1),
     }
     print(f"{args.spec} {args.flavor}: {params:,} parameters, full checkpoint {checkpoint_mb:,.0f} MB "
           f"(best of {args.repeat})")
@@ -140,6 +150,8 @@ def main() -> None:
     print(f"  async save blocks  {best['blocked']:8.3f} s   (staging); committed after {best['committed']:.3f} s")
     print(f"  dcp-to-hf          {best['export']:8.3f} s   ({model_mb:,.0f} MB of safetensors, "
           f"{out['export_mb_per_s']} MB/s)")
+    print(f"  manifest (CRC-32)  {best['manifest']:8.3f} s   (background, rank 0); verify before load "
+          f"{best['verify']:.3f} s ({out['verify_mb_per_s']} MB/s on one rank)")
     print(json.dumps(out))
 
 
