@@ -40,7 +40,10 @@ Examples:
   NPROC=2 ./run_train.sh --job.config_file train_configs/debug.toml --training.steps 20
   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 ./run_train.sh --job.config_file train_configs/x.toml
 
-Trainer options: ./run_train.sh --trainer-help
+Trainer options (torchtitan's sections and ours, e.g. [data], [sft], [eval]):
+  ./run_train.sh --trainer-help                      every option, its default
+  ./run_train.sh --job.config_file X.toml --help     the same, defaults from X.toml
+Option names take underscores or hyphens (--job.config_file = --job.config-file).
 EOF
 }
 
@@ -55,8 +58,19 @@ fi
 source "$root/scripts/setup_env.sh"
 ext_setup_env
 
-if [[ "$1" == "--trainer-help" ]]; then
-    exec "$EXT_PYTHON" -m ext.train --help
+# Every trainer option (torchtitan's sections and ours), with a config's values
+# as the defaults when one is given: --trainer-help anywhere, or --help/-h
+# after other arguments.
+trainer_args=()
+trainer_help=0
+for arg in "$@"; do
+    case "$arg" in
+        --trainer-help|--help|-h) trainer_help=1 ;;
+        *) trainer_args+=("$arg") ;;
+    esac
+done
+if [[ "$trainer_help" == 1 ]]; then
+    exec "$EXT_PYTHON" -m ext.train ${trainer_args[@]+"${trainer_args[@]}"} --help
 fi
 
 gpus=0

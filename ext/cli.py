@@ -265,7 +265,8 @@ register(Command(
 
 
 def _check_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--job.config_file", dest="config_file", required=True, help="TOML config to check")
+    parser.add_argument("--job.config_file", "--job.config-file", dest="config_file", required=True,
+                        help="TOML config to check")
 
 
 def _check(args: argparse.Namespace, config_argv: list[str]) -> int:
@@ -297,7 +298,7 @@ def _tokenize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="SOURCE",
                         help="data file, folder or glob (.jsonl, .txt, each also .gz/.zst, .parquet)")
     parser.add_argument("--out", required=True, metavar="DIR", help="token folder to write (new or empty)")
-    parser.add_argument("--job.config_file", dest="config_file", required=True,
+    parser.add_argument("--job.config_file", "--job.config-file", dest="config_file", required=True,
                         help="TOML config: tokenizer ([model] hf_assets_path), [data] add_bos/add_eos, "
                              "text_fields, bad_records")
     parser.add_argument("--workers", type=int, default=max(len(os.sched_getaffinity(0)), 1),

@@ -25,7 +25,7 @@ API: dict[str, tuple[str, ...]] = {
     "torchtitan.train": (
         "Trainer.__init__", "Trainer.should_continue_training", "Trainer.batch_generator",
         "Trainer.train_step", "Trainer.forward_backward_step", "Trainer.post_dataloading_process",
-        "main",
+        "main", "ConfigManager",
     ),
     "torchtitan.components.checkpoint": (
         "CheckpointManager.__init__", "CheckpointManager.save", "CheckpointManager.load",

@@ -17,6 +17,8 @@ import time
 import tomllib
 
 import ext.job_config  # noqa: F401  (registers specs, datasets, CPU support)
+import torchtitan.train as torchtitan_train
+from torchtitan.config import ConfigManager
 from torchtitan.tools.logging import logger
 from torchtitan.train import main
 
@@ -28,10 +30,17 @@ from ext.trainer import Trainer  # torchtitan's, plus the [input_pipeline] prefe
 CONFIG_MODULE = "ext.job_config"
 
 
+def _spelling(option: str) -> str:
+    """``--section.some-key`` -> ``--section.some_key`` (tyro, and so torchtitan, accepts both)."""
+    return "--" + option[2:].replace("-", "_") if option.startswith("--") else option
+
+
 def _option(argv: list[str], names: tuple[str, ...]) -> str | None:
+    """Value of the first option of ``argv`` named one of ``names`` (either spelling)."""
+    wanted = {_spelling(n) for n in names}
     for i, arg in enumerate(argv):
         key, eq, value = arg.partition("=")
-        if key in names:
+        if _spelling(key) in wanted:
             return value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
     return None
 
@@ -83,6 +92,16 @@ def with_layout_defaults(argv: list[str], world_size: int, local_world_size: int
             "--parallelism.data_parallel_shard_degree=-1"]
 
 
+class _ArgvConfigManager(ConfigManager):
+    """torchtitan's ConfigManager reading ``sys.argv`` when it parses: torchtitan's
+    ``parse_args(args=sys.argv[1:])`` default is bound when torchtitan is imported,
+    before :func:`with_config_module` added our sections (without this, ``--help``
+    and configs that name no ``custom_config_module`` never saw them)."""
+
+    def parse_args(self, args: list[str] | None = None):
+        return super().parse_args(sys.argv[1:] if args is None else args)
+
+
 def run(trainer_class: type = Trainer) -> None:
     """torchtitan's ``main``; a bad setting or data record found once the
     trainer runs (a checkpoint folder that holds only weights, a malformed
@@ -90,6 +109,7 @@ def run(trainer_class: type = Trainer) -> None:
     one-line message and exit code 2 instead of a traceback, and a stop on
     SIGTERM/SIGUSR1 (``[preemption]``, after its checkpoint) with 128 + the
     signal number."""
+    torchtitan_train.ConfigManager = _ArgvConfigManager  # torchtitan's main() builds one
     try:
         main(trainer_class)
     except Preempted as exc:  # saved and committed (checkpointing on); torchtitan closed the trainer
