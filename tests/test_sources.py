@@ -306,3 +306,84 @@ def test_a_reader_reads_only_its_share_of_the_corpus_and_the_plan_reads_nothing(
     share = bytes_read() - before
     assert 0.24 * total < share < 0.35 * total  # its quarter (plus the line crossing each range end)
     assert abs(len(docs) - 8 * 3000 / 4) <= 8
+
+
+# -- streamed Hub datasets (offline: a local folder opened in streaming mode) ----------------------
+
+def hub_folder(tmp_path: Path, n_files: int, per_file: int) -> tuple[SourceSpec, list[str]]:
+    folder = tmp_path / "hub"
+    (folder / "data").mkdir(parents=True)
+    names = []
+    for k in range(n_files):
+        texts = numbered("hub", range(k * per_file, (k + 1) * per_file))
+        write_table(folder / "data" / f"train-{k:05d}-of-{n_files:05d}.parquet", texts, row_group_size=5)
+        names += [t.split()[0] for t in texts]
+    spec = SourceSpec(name="hub", location=str(folder), kind="hub", files=(), split="train",
+                      text_field="text", prob=1.0, on_exhaustion="drop")
+    return spec, names
+
+
+@pytest.mark.parametrize("n_files, n_readers", [(4, 2), (2, 4)], ids=["file-per-range", "striped"])
+def test_a_streamed_split_is_read_once_over_the_readers(tmp_path, n_files, n_readers, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    spec, names = hub_folder(tmp_path, n_files, 12)
+    plan = plan_source(spec)
+    assert plan.unit == "shards" and len(plan) == n_files
+    seen = []
+    for reader in range(n_readers):
+        docs, _ = read_all(spec, reader, n_readers, shuffle=True)
+        seen += [d.split()[0] for d in docs]
+    assert sorted(seen) == sorted(names)
+    assert not (tmp_path / "hf-cache").exists() or not list((tmp_path / "hf-cache").rglob("*.arrow"))
+
+
+def test_a_streamed_split_resumes_exactly_with_workers(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    spec, _ = hub_folder(tmp_path, 4, 40)
+    spec = SourceSpec(**{**spec.__dict__, "on_exhaustion": "restart"})
+    cfg = Data(datasets=["x"], buffer_docs=16)
+
+    def loader():
+        return PackedDataLoader(make_dataset([spec], cfg, seq_len=32), 0, 1, ("input", "positions", "segment_ids"),
+                                batch_size=2, num_workers=2, persistent_workers=True)
+
+    straight = [batch for _, batch in zip(range(40), loader())]
+    first = loader()
+    it = iter(first)
+    for _ in range(13):
+        next(it)
+    state = first.state_dict()
+    resumed = loader()
+    resumed.load_state_dict(state)
+    rest = [batch for _, batch in zip(range(40 - 13), resumed)]
+    assert len(rest) == 27
+    for (s1, l1), (s2, l2) in zip(straight[13:], rest):
+        assert all(np.array_equal(s1[k], s2[k]) for k in ("input", "positions", "segment_ids"))
+        assert np.array_equal(l1, l2)
+
+
+# -- exact resume over compressed and columnar files ------------------------------------------------
+
+def test_resume_is_bitwise_exact_over_zst_and_parquet_sources_with_workers(tmp_path):
+    a = write(tmp_path / "a.jsonl.zst", jsonl_bytes([{"text": t} for t in numbered("alpha", range(300))]))
+    b = write_table(tmp_path / "b.parquet", numbered("bravo", range(200)), row_group_size=33)
+    specs = resolve_sources(Data(datasets=[str(a), str(b)], sampling_probs=[0.6, 0.4]))
+    cfg = Data(datasets=["x", "y"], buffer_docs=32)
+
+    def loader():
+        return PackedDataLoader(make_dataset(specs, cfg), 0, 1, ("input", "positions", "segment_ids"),
+                                batch_size=4, num_workers=2, persistent_workers=True)
+
+    straight = [batch for _, batch in zip(range(80), loader())]  # past one epoch of each source
+    first = loader()
+    it = iter(first)
+    for _ in range(37):
+        next(it)
+    state = first.state_dict()
+    resumed = loader()
+    resumed.load_state_dict(state)
+    rest = [batch for _, batch in zip(range(80 - 37), resumed)]
+    assert len(rest) == 43
+    for (s1, l1), (s2, l2) in zip(straight[37:], rest):
+        assert all(np.array_equal(s1[k], s2[k]) for k in ("input", "positions", "segment_ids"))
+        assert np.array_equal(l1, l2)

@@ -63,6 +63,8 @@ class LoaderStats:
     def add(self, batch_stats: torch.Tensor) -> None:
         self.last_window = int(batch_stats[:, STATS_FIELDS.index("window")].max())
         summed = batch_stats.sum(dim=0).numpy()
+        if self.total is not None and self.total.shape != summed.shape:
+            self.total = None  # a loader over other sources: its totals start afresh
         self.total = summed if self.total is None else self.total + summed
         bad = summed[len(STATS_FIELDS) + len(self.names):]
         for name, n in zip(self.names, bad):
