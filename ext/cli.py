@@ -73,15 +73,21 @@ def load_job_config(argv: list[str]) -> Any:
             config_file = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
     if config_file is not None and not os.path.isfile(config_file):
         raise ConfigError(f"--job.config_file {config_file!r} does not exist; give the path of a TOML config")
+    toml_values = None
     if config_file is not None:
         try:  # here, before torchtitan, which logs a traceback for a bad TOML
             with open(config_file, "rb") as f:
-                tomllib.load(f)
+                toml_values = tomllib.load(f)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{config_file}: not valid TOML ({exc})") from None
+    from ext.config_keys import toml_key_problems, tyro_prog
+
+    typos = toml_key_problems(argv, toml_values)  # torchtitan's own message names no section, no fix
+    if typos:
+        raise ConfigError("; ".join(f"{config_file}: {t}" for t in typos))
     try:
-        with warnings.catch_warnings():  # tyro warns about mistyped TOML values; preflight reports them
-            warnings.simplefilter("ignore", UserWarning)
+        with warnings.catch_warnings(), tyro_prog(argv):  # tyro warns about mistyped TOML values;
+            warnings.simplefilter("ignore", UserWarning)  # preflight reports them
             return ConfigManager().parse_args(argv)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{config_file}: not valid TOML ({exc})") from None

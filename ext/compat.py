@@ -45,7 +45,7 @@ API: dict[str, tuple[str, ...]] = {
     "torchtitan.components.lr_scheduler": ("LRSchedulersContainer",),
     "torchtitan.components.loss": ("IGNORE_INDEX", "build_cross_entropy_loss"),
     "torchtitan.components.tokenizer": ("HuggingFaceTokenizer", "build_hf_tokenizer"),
-    "torchtitan.config": ("JobConfig", "ConfigManager"),
+    "torchtitan.config": ("JobConfig", "ConfigManager", "ConfigManager._maybe_add_custom_config"),
     "torchtitan.protocols.train_spec": ("TrainSpec", "register_train_spec", "get_train_spec",
                                         "_extra_train_specs"),
     "torchtitan.models.attention": ("VarlenAttentionWrapper", "VarlenMetadata", "create_attention_mask"),

@@ -45,15 +45,18 @@ def _option(argv: list[str], names: tuple[str, ...]) -> str | None:
     return None
 
 
-def _toml_section(argv: list[str], section: str) -> dict:
-    config_file = _option(argv, ("--job.config_file", "--job.config-file"))
+def _toml(config_file: str | None) -> dict:
     if not config_file:
         return {}
     try:
         with open(config_file, "rb") as f:
-            return tomllib.load(f).get(section, {})
+            return tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError):
         return {}  # torchtitan reports the unreadable file itself
+
+
+def _toml_section(argv: list[str], section: str) -> dict:
+    return _toml(_option(argv, ("--job.config_file", "--job.config-file"))).get(section, {})
 
 
 def with_config_module(argv: list[str]) -> list[str]:
@@ -99,7 +102,15 @@ class _ArgvConfigManager(ConfigManager):
     and configs that name no ``custom_config_module`` never saw them)."""
 
     def parse_args(self, args: list[str] | None = None):
-        return super().parse_args(sys.argv[1:] if args is None else args)
+        from ext.config_keys import config_file_of, toml_key_problems, tyro_prog
+
+        args = sys.argv[1:] if args is None else args
+        config_file = config_file_of(args)
+        typos = toml_key_problems(args, _toml(config_file)) if config_file else []
+        if typos:  # torchtitan's own message names no section and no fix
+            raise ConfigError("; ".join(f"{config_file}: {t}" for t in typos))
+        with tyro_prog(args):
+            return super().parse_args(args)
 
 
 def run(trainer_class: type = Trainer) -> None:
