@@ -387,3 +387,43 @@ def test_resume_is_bitwise_exact_over_zst_and_parquet_sources_with_workers(tmp_p
     for (s1, l1), (s2, l2) in zip(straight[37:], rest):
         assert all(np.array_equal(s1[k], s2[k]) for k in ("input", "positions", "segment_ids"))
         assert np.array_equal(l1, l2)
+
+
+# -- ready token documents and skip counts in the loader stats ------------------------------------
+
+def test_token_shards_go_through_the_plan_without_the_tokenizer(tmp_path):
+    tokenized = pytest.importorskip("ext.data.tokenized")
+    docs = [np.arange(n, dtype=np.uint16) + 10 for n in (3, 5, 2, 7, 4, 6)]
+    for k in range(2):
+        part = docs[k * 3 : (k + 1) * 3]
+        np.concatenate(part).tofile(tmp_path / f"p{k}.ds")
+        np.cumsum([len(d) for d in part]).astype("<u8").tofile(tmp_path / f"p{k}.ds.index")
+    from ext.data.sources import TokenRows
+
+    shards = [TokenRows(tokenized.TokenShard(str(tmp_path / f"p{k}.ds"), "uint16")) for k in range(2)]
+    spec = SourceSpec(name="tok", location=str(tmp_path), kind="tokens", files=(), split="train",
+                      text_field="text", prob=1.0, on_exhaustion="drop")
+    plan = plan_source(spec, shards)
+    seen = []
+    for reader in range(2):
+        source = Source(plan, 0, reader, 2, None, 0, True, "skip")  # no encoder: never called
+        while (doc := source.next_document()) is not None:
+            assert doc.dtype == np.int32
+            seen.append(doc.tolist())
+    assert sorted(seen) == sorted(d.astype(np.int32).tolist() for d in docs)
+
+
+def test_bad_record_counts_reach_the_loader_stats(tmp_path):
+    from ext.data.loader import LOADER_STATS
+
+    path = write(tmp_path / "a.jsonl", jsonl_bytes([{"text": t} for t in numbered("ok", range(50))]
+                                                   + [{"text": None}] * 3 + [{"text": ""}] * 2))
+    (spec,) = resolve_sources(Data(datasets=[str(path)], on_exhaustion=["drop"]))
+    LOADER_STATS.names, LOADER_STATS.bad_records = ["a"], {}
+    LOADER_STATS.take()
+    loader = PackedDataLoader(make_dataset([spec], Data(datasets=["x"], buffer_docs=8)), 0, 1, ("input",),
+                              batch_size=2, num_workers=2)
+    for _ in loader:
+        pass
+    assert LOADER_STATS.bad_records == {"a": 5}
+    assert LOADER_STATS.take()["data/bad_records/a"] == 5

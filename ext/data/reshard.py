@@ -1,12 +1,10 @@
-"""Rewrite one data source into N parquet shards, for a shard-level split.
+"""Rewrite one data source into N parquet shards.
 
-Why: the pretraining loader splits a sharded source over readers -- one
-reader per (data-parallel rank, dataloader worker) -- by *shard* only when
-the shard count divides by ``dp_world_size x num_workers``. Otherwise it
-falls back to a record-level split: every reader scans every record and
-keeps 1 in ``dp x workers`` of them, so the whole job reads the data
-``dp x workers`` times over. A single big file (one shard) always takes the
-slow path. Reshard it into a multiple of ``dp x workers`` shards to fix that.
+The loader no longer needs this for balance: every source is cut into
+ranges by size (bytes, lines or rows; :mod:`ext.data.sources`), whatever its
+file count. Resharding still helps to turn a source into parquet (row groups
+read column by column, no JSON parsing) or to split compressed files, whose
+lines are counted once per file before training (a decompression pass).
 
 Usage::
 
@@ -324,7 +322,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m ext.data.reshard",
         description="Rewrite one data source into N contiguous parquet shards "
-        "(use a multiple of dp_world_size x num_workers).",
+        "(any count: the loader splits by size).",
     )
     p.add_argument("source", metavar="SOURCE", help="local file or folder (jsonl/json/parquet/arrow/txt), or a Hub dataset id")
     p.add_argument("--num-shards", type=int, required=True, metavar="N", help="number of shards to write")
