@@ -8,7 +8,7 @@ lines are counted once per file before training (a decompression pass).
 
 Usage::
 
-    # 8 data-parallel ranks x 4 workers = 32 readers -> 32 (or 64, 96, ...) shards
+    # a jsonl file -> 32 parquet shards (any count works for the loader)
     python -m ext.data.reshard data/web.jsonl --num-shards 32 --out data/web-32
     python -m ext.data.reshard data/books/ --num-shards 64 --out data/books-64 --format txt
     python -m ext.data.reshard allenai/c4 --split validation --num-shards 32 --out data/c4-val
