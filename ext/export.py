@@ -3,7 +3,8 @@
 ::
 
     python -m ext.cli dcp-to-hf --checkpoint outputs/x/checkpoint/step-1000 --out hf/x \\
-        --job.config_file train_configs/x.toml [--max-shard-size 5GB] [--dtype bfloat16] [--overwrite]
+        --job.config_file train_configs/x.toml [--max-shard-size 5GB] [--dtype bfloat16] [--overwrite] \\
+        [--allow-routing-drift]
 
 writes ``model-0000i-of-0000n.safetensors`` shards (at most ``--max-shard-size``
 each, except a single tensor larger than that), ``model.safetensors.index.json``,
@@ -13,11 +14,12 @@ each, except a single tensor larger than that), ``model.safetensors.index.json``
 How:
 
 - The model comes from the training config (``[model] name``/``flavor``; the
-  trainer's ``update_from_config`` is applied, so ``max_position_embeddings``
-  is ``training.seq_len``). Without any config option it is identified from
-  the checkpoint: the registered flavor whose parameters have the
-  checkpoint's names and shapes (a tied and an untied flavor with the same
-  shapes are told apart by comparing the two tensors).
+  trainer's ``update_from_config`` is applied). Without any config option it
+  is identified from the checkpoint: the registered flavor whose model
+  tensors are exactly the checkpoint's (same names, same shapes; the
+  optimizer, scheduler, loader and train state entries aside), so dense
+  Qwen3 (q/k norms) is never taken for Llama; a tied and an untied flavor
+  with the same shapes are told apart by comparing the two tensors.
 - Weights are read with DCP on the CPU without a process group, so a
   checkpoint written by any number of ranks (FSDP shards, any layout) loads
   as full tensors. Only the model's keys are read (not the optimizer), one
@@ -28,10 +30,17 @@ How:
   works (torchtitan's Llama-3 with its wq/wk RoPE permutation, Qwen3 with
   MoE experts split into one tensor each). With tied embeddings the head is
   written once (``model.embed_tokens.weight``; ``tie_word_embeddings`` is true).
-  MoE routing biases (``moe.expert_bias``) have no HF counterpart: they are
-  left out, with a warning when they are nonzero (the export then routes
-  without them, so top-k choices can differ for some tokens).
-- ``config.json`` comes from :func:`ext.models.hf.hf_config_for`; token ids and
+  MoE routing biases (``moe.expert_bias``, trained by ``[moe]
+  load_balance_coeff``) have no HF counterpart: when any is nonzero the
+  export is refused (exit 2) before anything is written, since the HF model
+  would pick other experts for some tokens and give other logits;
+  ``--allow-routing-drift`` (or ``[moe] allow_routing_drift`` in the given
+  config) writes it anyway, without the biases, with a warning. Models
+  balanced by ``[moe] aux_loss_coeff`` (the default) have no biases and
+  export exactly.
+- ``config.json`` comes from :func:`ext.models.hf.hf_config_for`
+  (``max_position_embeddings`` is the flavor's released context, not
+  ``training.seq_len``); token ids and
   the tokenizer files from ``[model] hf_assets_path`` (or ``--tokenizer``).
   ``generation_config.json`` stops on EOS and on the chat template's
   end-of-turn token (``<|im_end|>``, ``<|eot_id|>``) when it has one.
@@ -220,9 +229,21 @@ def _load(checkpoint: str, meta: dict[str, Any], keys: list[str]) -> dict[str, A
     return state
 
 
+_TRAINER_STATES = ("optimizer", "lr_scheduler", "dataloader", "train_state")
+
+
+def _model_tensors(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """The model's entries of a checkpoint (or model) state: names and shapes,
+    without the trainer's states and the optional MoE routing biases."""
+    return {k: s for k, s in shapes.items()
+            if k.split(".", 1)[0] not in _TRAINER_STATES and not k.endswith("expert_bias")}
+
+
 def identify_model(checkpoint: str, meta: dict[str, Any]) -> tuple[str, str, Any]:
-    """``(spec name, flavor, model args)`` of the one registered flavor matching
-    the checkpoint's parameter names and shapes; ConfigError when none or several."""
+    """``(spec name, flavor, model args)`` of the one registered flavor whose
+    model tensors are exactly the checkpoint's (the same names, none missing
+    and none extra, with the same shapes; routing biases aside); ConfigError
+    when none or several."""
     import copy
 
     import torch
@@ -241,7 +262,7 @@ def identify_model(checkpoint: str, meta: dict[str, Any]) -> tuple[str, str, Any
             if getattr(args, "n_layers", n_layers) != n_layers:
                 continue
             params = _param_shapes(_meta_model(spec, args))
-            if all(shapes.get(k) == s for k, s in params.items() if not k.endswith("expert_bias")):
+            if _model_tensors(params) == _model_tensors(shapes):
                 found.append((name, flavor, copy.deepcopy(args)))
     by_config: dict[str, tuple[str, str, Any]] = {}
     for name, flavor, args in found:
@@ -262,6 +283,17 @@ def identify_model(checkpoint: str, meta: dict[str, Any]) -> tuple[str, str, Any
         f"cannot tell the model of {checkpoint} from its tensors (matching flavors: {names}); "
         "pass the training config: --job.config_file TOML"
     )
+
+
+def routing_biases(checkpoint: str, meta: dict[str, Any] | None = None) -> dict[str, float]:
+    """``{key: max |bias|}`` of the checkpoint's nonzero MoE routing biases
+    (``*.moe.expert_bias``); empty when there are none or all are zero."""
+    meta = _tensor_meta(checkpoint) if meta is None else meta
+    keys = [k for k in meta if k.endswith("expert_bias")]
+    if not keys:
+        return {}
+    tensors = _load(checkpoint, meta, keys)
+    return {k: float(v.abs().max()) for k, v in tensors.items() if v.any()}
 
 
 def _groups(keys: list[str]) -> list[list[str]]:
@@ -368,13 +400,16 @@ def dcp_to_hf(
     max_shard_size: int = 5 * 10**9,
     overwrite: bool = False,
     progress: bool | None = None,
+    allow_routing_drift: bool = False,
 ) -> dict[str, Any]:
     """Convert one DCP checkpoint folder to a Hugging Face folder ``out`` (module doc).
 
     ``dtype`` applies to floating-point tensors. ``progress``: None shows a bar
     for checkpoints of :data:`PROGRESS_MIN_BYTES` or more. Returns a summary
-    (tensors, bytes, shards, tokenizer files). Raises ConfigError for a
-    checkpoint that does not match the model, or an ``out`` it may not replace.
+    (tensors, bytes, shards, tokenizer files, ``biased_layers``). Raises
+    ConfigError, before anything is written, for a checkpoint that does not
+    match the model, an ``out`` it may not replace, or nonzero MoE routing
+    biases (which HF cannot hold) unless ``allow_routing_drift``.
     """
     import torch
     from torchtitan.protocols.train_spec import get_train_spec
@@ -390,6 +425,14 @@ def dcp_to_hf(
     if spec.state_dict_adapter is None:
         raise ConfigError(f"[model] name = {model_name!r} has no state_dict_adapter; it cannot be exported")
     meta = _tensor_meta(checkpoint)
+    biased = routing_biases(checkpoint, meta)
+    if biased and not allow_routing_drift:
+        raise ConfigError(
+            f"{checkpoint}: {len(biased)} MoE layer(s) have nonzero routing biases (moe.expert_bias, "
+            f"max |bias| {max(biased.values()):.3g}, from [moe] load_balance_coeff), which Hugging Face's "
+            "Qwen3-MoE cannot hold: the export would route differently; retrain with [moe] aux_loss_coeff, "
+            "or pass --allow-routing-drift to write it anyway"
+        )
     model = _meta_model(spec, model_args)
     wanted = _param_shapes(model)
     params = {k for k, _ in model.named_parameters(remove_duplicate=False)}
@@ -415,7 +458,6 @@ def dcp_to_hf(
 
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
-    biased: list[str] = []
     try:
         writer = _ShardWriter(tmp, max_shard_size)
         show = progress if progress is not None else total >= PROGRESS_MIN_BYTES
@@ -423,7 +465,6 @@ def dcp_to_hf(
                   file=sys.stderr, mininterval=1.0) as bar:
             for group in _groups(keys):
                 native = _load(checkpoint, meta, group)
-                biased += [k for k, v in native.items() if k.endswith("expert_bias") and v.any()]
                 hf_state = adapter.to_hf(native)
                 if tied:
                     hf_state.pop("lm_head.weight", None)
@@ -443,9 +484,9 @@ def dcp_to_hf(
         raise
     if biased:
         print(
-            f"warning: {len(biased)} MoE layer(s) have nonzero routing biases (moe.expert_bias, from "
-            "load balancing); Hugging Face's MoE has none, so the export routes without them and "
-            "may pick other experts for some tokens", file=sys.stderr,
+            f"warning: --allow-routing-drift: {len(biased)} MoE layer(s) have nonzero routing biases "
+            f"(moe.expert_bias, max |bias| {max(biased.values()):.3g}); the export routes without them "
+            "and picks other experts for some tokens", file=sys.stderr,
         )
     return {"tensors": n_tensors, "bytes": writer.total_bytes, "shards": shards,
             "tokenizer_files": copied, "out": out, "biased_layers": len(biased)}
@@ -466,6 +507,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=None, metavar="DIR",
                         help="tokenizer files to copy (default: [model] hf_assets_path of the config)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--allow-routing-drift", action="store_true",
+                        help="export although MoE routing biases (moe.expert_bias) are nonzero; HF has none, "
+                             "so the export then routes some tokens to other experts")
 
 
 def run(args: argparse.Namespace, job_config: Any | None) -> int:
@@ -480,6 +524,7 @@ def run(args: argparse.Namespace, job_config: Any | None) -> int:
     _check_out(os.path.abspath(args.out), args.overwrite)
     checkpoint = resolve_checkpoint(args.checkpoint)
     tokenizer_dir = args.tokenizer
+    allow_drift = bool(args.allow_routing_drift)
     if job_config is None:
         name, flavor, model_args = identify_model(checkpoint, _tensor_meta(checkpoint))
         how = "identified from its tensors"
@@ -492,11 +537,13 @@ def run(args: argparse.Namespace, job_config: Any | None) -> int:
         model_args.update_from_config(job_config)
         if tokenizer_dir is None:
             tokenizer_dir = job_config.model.hf_assets_path
+        allow_drift = allow_drift or bool(getattr(getattr(job_config, "moe", None), "allow_routing_drift", False))
         how = "from the config"
     print(f"dcp-to-hf: {checkpoint} ({name} {flavor}, {how}) -> {args.out}", flush=True)
     summary = dcp_to_hf(
         checkpoint, args.out, model_name=name, model_args=model_args, tokenizer_dir=tokenizer_dir,
         dtype=args.dtype, max_shard_size=max_shard_size, overwrite=args.overwrite,
+        allow_routing_drift=allow_drift,
     )
     tokenizer = (f"tokenizer: {', '.join(summary['tokenizer_files'])}" if summary["tokenizer_files"]
                  else "no tokenizer files (pass --tokenizer DIR or a config with [model] hf_assets_path)")

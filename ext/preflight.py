@@ -59,7 +59,7 @@ def check(job_config: Any, launch: Launch | None = None) -> list[str]:
             problems.append(str(exc))
         except Exception as exc:  # a check must never crash the report
             problems.append(f"preflight {fn.__name__} could not run: {type(exc).__name__}: {exc}")
-    return problems
+    return list(dict.fromkeys(problems))  # checks that share a resolver (e.g. [data]) raise the same line
 
 
 # -- field types -------------------------------------------------------------------
@@ -157,9 +157,17 @@ def model_and_tokenizer(cfg: Any, launch: Launch) -> Iterator[str]:
 
 @check_fn
 def data_sources(cfg: Any, launch: Launch) -> Iterator[str]:
-    from ext.data.config import resolve_sources
+    from ext.data.config import looks_like_hub_id, resolve_sources
     from ext.data.sources import plan_source
 
+    datasets = cfg.data.datasets if isinstance(cfg.data.datasets, list) else []
+    missing = [(i, loc) for i, loc in enumerate(datasets)
+               if isinstance(loc, str) and not os.path.exists(loc) and not looks_like_hub_id(loc)]
+    for i, location in missing:  # all of them (resolve_sources stops at the first), in its words
+        yield (f"[data] datasets[{i}] {location!r} does not exist; give a local file or "
+               "folder (relative to where you launch) or a Hub id like 'org/name'")
+    if missing:
+        return
     specs = resolve_sources(cfg.data)
     if not specs:
         from torchtitan.hf_datasets.text_datasets import DATASETS
@@ -283,6 +291,24 @@ def sizes_and_layout(cfg: Any, launch: Launch) -> Iterator[str]:
         else p.tensor_parallel_degree
     if t.seq_len % divisor:
         yield f"[training] seq_len = {t.seq_len} must be divisible by {divisor} (tp x 2 cp)"
+
+
+# -- MoE ----------------------------------------------------------------------------------------
+
+@check_fn
+def moe_settings(cfg: Any, launch: Launch) -> Iterator[str]:
+    """``[moe]`` values, and a ``last_save_in_hf`` that could not hold routing biases."""
+    from ext.models.moe import moe_args_from_config
+
+    try:
+        args = _spec(cfg).model_args.get(cfg.model.flavor)
+    except (ValueError, ModuleNotFoundError):
+        return  # reported by model_and_tokenizer
+    if args is not None and getattr(args, "moe_enabled", False):
+        try:
+            moe_args_from_config(args.moe_args, cfg)
+        except ConfigError as exc:
+            yield str(exc)
 
 
 # -- attention ----------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ the `last_save_in_hf` folder: transformers loads them and gives our logits."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -188,3 +189,107 @@ def test_a_checkpoint_of_another_flavor_is_refused_with_the_fix(tmp_path):
                      "--job.config_file", str(DEBUG_CONFIG)])  # debug.toml trains "tiny"
     assert code == 2
     assert not (tmp_path / "hf").exists()
+
+
+# ------------------------------------- which model a checkpoint holds (no config)
+
+
+@pytest.mark.parametrize("spec,flavor", [
+    ("ext_qwen3", "tiny"), ("ext_llama3", "tiny_tied"), ("ext_llama3", "tiny"), ("ext_qwen3", "tiny_moe"),
+])
+def test_without_a_config_the_exact_tensor_set_identifies_the_model(tmp_path, capsys, spec, flavor):
+    # dense Qwen3 tiny holds every tensor of Llama tiny_tied (same shapes) plus q/k norms
+    ours = our_model(spec, flavor, seed=2)
+    dcp.save(get_model_state_dict(ours), checkpoint_id=str(tmp_path / "step-0"), no_dist=True)
+    assert cli_main(["dcp-to-hf", "--checkpoint", str(tmp_path / "step-0"), "--out", str(tmp_path / "hf")]) == 0
+    assert f"({spec} {flavor}, identified from its tensors)" in capsys.readouterr().out
+    assert max_logit_difference(tmp_path / "hf", ours) < 1e-4
+
+
+# --------------------------- trained MoE: routing biases refused, aux loss exports exactly
+
+MOE_CONFIG = DEBUG_CONFIG.parent / "debug_qwen3_moe.toml"
+MOE_SHORT = ["--job.config_file", str(MOE_CONFIG), "--training.steps", "8", "--training.local_batch_size", "4",
+             "--training.seq_len", "128", "--lr_scheduler.warmup_steps", "2", "--metrics.log_freq", "1"]
+
+
+def _moe_run(dump, *extra):
+    run_train([*MOE_SHORT, "--job.dump_folder", str(dump), "--checkpoint.enable", "--checkpoint.interval", "8",
+               *extra])
+    return dump / "checkpoint" / "step-8"
+
+
+def routing(model_or_hf, tokens, ours: bool):
+    """Logits and per-layer sets of chosen experts ((tokens, top_k), sorted) of one forward."""
+    with torch.no_grad():
+        if not ours:
+            out = model_or_hf(tokens, output_router_logits=True)
+            k = model_or_hf.config.num_experts_per_tok
+            return out.logits, [torch.topk(r.float().softmax(-1), k).indices.sort(-1).values
+                                for r in out.router_logits]
+        chosen = []
+        hooks = [b.moe.router.register_forward_hook(lambda m, a, o: chosen.append(o[1].sort(-1).values))
+                 for b in model_or_hf.layers.values()]
+        logits = model_or_hf(tokens)
+        for h in hooks:
+            h.remove()
+        return logits, chosen
+
+
+@pytest.mark.slow
+def test_trained_moe_with_routing_biases_is_refused_and_with_the_aux_loss_exports_exactly(tmp_path, python, capsys):
+    # bias balancing (DeepSeek-V3 style): nonzero biases after 8 steps -> refused, exit 2, nothing written
+    biased = _moe_run(tmp_path / "bias", "--moe.load_balance_coeff", "1e-3", "--moe.aux_loss_coeff", "0")
+    proc = run_command([python, "-m", "ext.cli", "dcp-to-hf", "--checkpoint", str(biased),
+                        "--out", str(tmp_path / "hf_bias")])
+    assert proc.returncode == 2, proc.output[-3000:]
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "nonzero routing biases" in error[0] and "--allow-routing-drift" in error[0]
+    assert "Traceback" not in proc.output and not (tmp_path / "hf_bias").exists()
+    assert {p.name for p in tmp_path.iterdir()} == {"bias"}  # no temporary folder either
+    # the explicit opt-in writes it, and it does route differently
+    assert cli_main(["dcp-to-hf", "--checkpoint", str(biased), "--out", str(tmp_path / "hf_bias"),
+                     "--allow-routing-drift"]) == 0
+    assert "--allow-routing-drift" in capsys.readouterr().err
+    tokens = torch.randint(0, 2048, (4, 64), generator=torch.Generator().manual_seed(3))
+    bias_args = copy.deepcopy(get_train_spec("ext_qwen3").model_args["tiny_moe"])  # it has no bias buffers
+    bias_args.moe_args = dataclasses.replace(bias_args.moe_args, load_balance_coeff=1e-3)
+    bias_model = get_train_spec("ext_qwen3").model_cls(bias_args)
+    state = bias_model.state_dict()
+    dcp.load(state, checkpoint_id=str(biased), no_dist=True)
+    bias_model.load_state_dict(state)
+    hf_bias = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf_bias"), dtype=torch.float32).eval()
+    ours_logits, ours_chosen = routing(bias_model.eval(), tokens, ours=True)
+    hf_logits, hf_chosen = routing(hf_bias, tokens, ours=False)
+    changed = [(a != b).any(-1).float().mean().item() for a, b in zip(ours_chosen, hf_chosen)]
+    print(f"bias run: tokens whose expert set changed per layer {changed}, "
+          f"max |dlogits| {(ours_logits - hf_logits).abs().max().item():.3g}")
+    assert max(changed) > 0
+
+    # Qwen3's auxiliary loss (the default): the export is the trained model
+    aux = _moe_run(tmp_path / "aux")
+    out = tmp_path / "hf_aux"
+    proc = run_command([python, "-m", "ext.cli", "dcp-to-hf", "--checkpoint", str(aux), "--out", str(out),
+                        "--job.config_file", str(MOE_CONFIG), "--training.seq_len", "128"])
+    assert proc.returncode == 0, proc.output[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3MoeForCausalLM"] and config["max_position_embeddings"] == 4096
+    ours = our_model("ext_qwen3", "tiny_moe", aux)
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    ours_logits, ours_chosen = routing(ours, tokens, ours=True)
+    hf_logits, hf_chosen = routing(hf, tokens, ours=False)
+    diff = (ours_logits - hf_logits).abs().max().item()
+    print(f"aux run: max |dlogits| {diff:.3g}, expert sets equal in {len(ours_chosen)} layers")
+    assert diff < 1e-4
+    assert len(ours_chosen) == len(hf_chosen) == 4
+    assert all(torch.equal(a, b) for a, b in zip(ours_chosen, hf_chosen))
+
+
+@pytest.mark.slow
+def test_last_save_in_hf_with_routing_biases_is_refused_before_training(tmp_path):
+    proc = run_command(["./run_train.sh", *MOE_SHORT, "--job.dump_folder", str(tmp_path / "out"),
+                        "--checkpoint.enable", "--checkpoint.last_save_in_hf", "--moe.load_balance_coeff", "1e-3"])
+    assert proc.returncode == 2, proc.output[-3000:]
+    assert "error: [checkpoint] last_save_in_hf with [moe] load_balance_coeff = 0.001" in proc.output
+    assert "Traceback" not in proc.output
+    assert not (tmp_path / "out" / "checkpoint").exists()

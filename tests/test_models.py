@@ -27,7 +27,10 @@ from .conftest import REPO, run_train
 MOE_CONFIG = REPO / "train_configs" / "debug_qwen3_moe.toml"
 
 # config.json of the released checkpoints (values typed in; nothing is downloaded),
-# and their parameter counts with a tied matrix counted once.
+# and their parameter counts with a tied matrix counted once. Releases: Llama-3.1
+# (July 2024: 8B, 70B, 405B), Llama-3.2 (September 2024), SmolLM2 (November 2024),
+# Qwen3 as first released (April 2025; rope_theta 1e6, context 40960 for every size;
+# the 2507 updates of 4B, 30B-A3B and 235B-A22B differ: rope_theta 5e6/1e7, 262144).
 ORIGINALS = {
     ("ext_llama3", "3.2-1B"): dict(
         hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -41,6 +44,14 @@ ORIGINALS = {
         hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
         rms_norm_eps=1e-5, rope=(500000.0, 8.0), max_position_embeddings=131072, params=8_030_261_248),
+    ("ext_llama3", "70B"): dict(
+        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+        num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
+        rms_norm_eps=1e-5, rope=(500000.0, 8.0), max_position_embeddings=131072, params=70_553_706_496),
+    ("ext_llama3", "405B"): dict(
+        hidden_size=16384, intermediate_size=53248, num_hidden_layers=126, num_attention_heads=128,
+        num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
+        rms_norm_eps=1e-5, rope=(500000.0, 8.0), max_position_embeddings=131072, params=405_853_388_800),
     ("ext_llama3", "smollm2-135M"): dict(
         hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
         num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True,
@@ -65,8 +76,22 @@ ORIGINALS = {
         hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
         num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False,
         rms_norm_eps=1e-6, rope=(1000000.0, None), max_position_embeddings=40960, params=8_190_735_360),
+    ("ext_qwen3", "14B"): dict(
+        hidden_size=5120, intermediate_size=17408, num_hidden_layers=40, num_attention_heads=40,
+        num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False,
+        rms_norm_eps=1e-6, rope=(1000000.0, None), max_position_embeddings=40960, params=14_768_307_200),
+    ("ext_qwen3", "32B"): dict(
+        hidden_size=5120, intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64,
+        num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False,
+        rms_norm_eps=1e-6, rope=(1000000.0, None), max_position_embeddings=40960, params=32_762_123_264),
+    ("ext_qwen3", "235B-A22B"): dict(
+        hidden_size=4096, intermediate_size=12288, num_hidden_layers=94, num_attention_heads=64,
+        num_key_value_heads=4, head_dim=128, vocab_size=151936, tie_word_embeddings=False,
+        rms_norm_eps=1e-6, moe_intermediate_size=1536, num_experts=128, num_experts_per_tok=8,
+        norm_topk_prob=True, rope=(1000000.0, None), max_position_embeddings=40960,
+        params=235_093_634_560),
     ("ext_qwen3", "30B-A3B"): dict(
-        hidden_size=2048, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+        hidden_size=2048, intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
         head_dim=128, vocab_size=151936, tie_word_embeddings=False, rms_norm_eps=1e-6,
         moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
         rope=(1000000.0, None), max_position_embeddings=40960, params=30_532_122_624),
@@ -111,6 +136,43 @@ def test_real_flavor_config_is_the_released_one(spec, flavor):
     expected.pop("params")
     assert rope_of(config) == expected.pop("rope")
     assert {k: getattr(config, k) for k in expected} == expected
+
+
+def test_every_real_size_flavor_is_pinned_to_a_release():
+    """A real-size flavor added later must get its released config.json values above."""
+    real = {(spec, f) for spec in ("ext_llama3", "ext_qwen3") for f, a in get_train_spec(spec).model_args.items()
+            if a.vocab_size > 2048}
+    variants = {("ext_llama3", "8B_flex"), ("ext_llama3", "8B_varlen"), ("ext_llama3", "8B")}  # = 3.1-8B
+    assert real - variants == set(ORIGINALS)
+    for flavor in ("8B", "8B_flex", "8B_varlen"):
+        args, ref = flavor_args("ext_llama3", flavor), flavor_args("ext_llama3", "3.1-8B")
+        assert hf_config_for("ext_llama3", args).to_diff_dict() == hf_config_for("ext_llama3", ref).to_diff_dict()
+
+
+# Each family's own context (HF max_position_embeddings), whatever seq_len trained it.
+@pytest.mark.parametrize("spec,flavor,seq_len,context", [
+    ("ext_qwen3", "0.6B", 4096, 40960),  # the shipped qwen3_0.6b_sft.toml trains at 4096
+    ("ext_qwen3", "30B-A3B", 8192, 40960),
+    ("ext_qwen3", "235B-A22B", 4096, 40960),
+    ("ext_llama3", "smollm2-135M", 2048, 8192),
+    ("ext_llama3", "3.2-1B", 2048, 131072),
+    ("ext_llama3", "3.1-8B", 8192, 131072),
+    ("ext_qwen3", "tiny_moe", 256, 4096),  # tiny flavors: their defined max_seq_len
+    ("ext_qwen3", "0.6B", 65536, 65536),  # trained beyond the release: the trained length
+])
+def test_export_declares_the_family_context_not_the_training_seq_len(spec, flavor, seq_len, context):
+    args = flavor_args(spec, flavor)
+    args.update_from_config(parse("--model.name", spec, "--model.flavor", flavor,
+                                  "--training.seq_len", str(seq_len)))
+    assert args.max_seq_len == seq_len
+    assert hf_config_for(spec, args).max_position_embeddings == context
+
+
+def test_shipped_qwen3_sft_config_exports_the_released_context():
+    cfg = ConfigManager().parse_args(["--job.config_file", str(REPO / "train_configs" / "qwen3_0.6b_sft.toml")])
+    args = flavor_args(cfg.model.name, cfg.model.flavor)
+    args.update_from_config(cfg)
+    assert hf_config_for(cfg.model.name, args).max_position_embeddings == 40960
 
 
 @pytest.mark.parametrize("spec,flavor", ORIGINALS, ids=[f for _, f in ORIGINALS])
@@ -197,6 +259,90 @@ def test_moe_section_sets_the_expert_implementation_and_rejects_unknown_ones(tmp
     with pytest.raises(ConfigError, match=r"\[moe\] implementation = 'fused' .* \"grouped\" or \"loop\""):
         flavor_args("ext_qwen3", "tiny_moe").update_from_config(
             ConfigManager().parse_args(["--job.config_file", str(bad)]))
+
+
+def test_qwen3_moe_balances_with_the_aux_loss_by_default_and_bias_only_when_chosen():
+    args = flavor_args("ext_qwen3", "tiny_moe")
+    assert (args.moe_args.aux_loss_coeff, args.moe_args.load_balance_coeff) == (1e-3, None)
+    args.update_from_config(parse("--model.name", "ext_qwen3", "--model.flavor", "tiny_moe",
+                                  "--training.local_batch_size", "3", "--training.seq_len", "64"))
+    assert (args.moe_args.aux_loss_coeff, args.moe_args.load_balance_coeff) == (1e-3, None)
+    assert args.moe_args.aux_loss_tokens_per_step == 3 * 64  # one process, no accumulation
+    assert getattr(build("ext_qwen3", args).layers["0"].moe, "expert_bias") is None
+    chosen = flavor_args("ext_qwen3", "tiny_moe")
+    chosen.update_from_config(parse("--model.name", "ext_qwen3", "--model.flavor", "tiny_moe",
+                                    "--moe.load_balance_coeff", "1e-3", "--moe.aux_loss_coeff", "0",
+                                    "--training.global_batch_size", "16", "--training.local_batch_size", "4"))
+    assert (chosen.moe_args.aux_loss_coeff, chosen.moe_args.load_balance_coeff) == (0.0, 1e-3)
+    assert chosen.moe_args.aux_loss_tokens_per_step == 16 * 2048  # the global batch, accumulated
+
+
+def test_bias_balancing_with_last_save_in_hf_is_refused_before_training_unless_drift_is_allowed():
+    biased = ("--model.name", "ext_qwen3", "--model.flavor", "tiny_moe", "--moe.load_balance_coeff", "1e-3",
+              "--checkpoint.enable", "--checkpoint.last_save_in_hf")
+    with pytest.raises(ConfigError, match=r"^\[checkpoint\] last_save_in_hf with \[moe\] load_balance_coeff = 0.001: "
+                                          r".*allow_routing_drift = true to write it anyway$"):
+        flavor_args("ext_qwen3", "tiny_moe").update_from_config(parse(*biased))
+    flavor_args("ext_qwen3", "tiny_moe").update_from_config(parse(*biased, "--moe.allow_routing_drift"))
+    from ext.preflight import check
+
+    problems = check(parse(*biased, "--data.datasets", str(REPO / "ext" / "assets" / "data" / "web.jsonl"),
+                           "--model.hf_assets_path", str(REPO / "ext" / "assets" / "tokenizer")))
+    assert [p for p in problems if "last_save_in_hf" in p] == [
+        "[checkpoint] last_save_in_hf with [moe] load_balance_coeff = 0.001: the trained routing biases have "
+        "no Hugging Face form, so the saved model would route differently; use [moe] aux_loss_coeff "
+        "(load_balance_coeff = 0), or set [moe] allow_routing_drift = true to write it anyway"]
+
+
+def test_aux_loss_gradient_equals_autograd_of_qwen3s_explicit_balancing_loss():
+    """Our model backpropagates CE + coeff * (tokens / tokens_per_step) * mean over
+    layers of HF's Qwen3-MoE ``load_balancing_loss_func``, written out here on the
+    router logits of a model without the aux loss."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    coeff, batch, seq = 0.5, 4, 32
+    args = flavor_args("ext_qwen3", "tiny_moe", n_layers=2)
+    step_tokens = 3 * batch * seq  # this forward is a third of the optimizer step
+    args.moe_args = dataclasses.replace(args.moe_args, aux_loss_coeff=coeff, aux_loss_tokens_per_step=step_tokens)
+    ours = build("ext_qwen3", args, seed=3)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if name.endswith("router.gate.weight"):
+                p.normal_(std=0.3)  # unbalanced routing: the loss has something to push
+    plain_args = dataclasses.replace(args, moe_args=dataclasses.replace(args.moe_args, aux_loss_coeff=0.0))
+    plain = get_train_spec("ext_qwen3").model_cls(plain_args)
+    plain.load_state_dict(ours.state_dict())
+    tokens = torch.randint(0, 2048, (batch, seq), generator=torch.Generator().manual_seed(0))
+    labels = torch.roll(tokens, -1, dims=1)
+    labels[:, -5:] = -100
+
+    def token_loss(logits):
+        valid = (labels != -100).sum()
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / valid
+
+    token_loss(ours(tokens)).backward()
+
+    moe_inputs = []
+    hooks = [b.moe.register_forward_pre_hook(lambda m, a: moe_inputs.append((m, a[0]))) for b in plain.layers.values()]
+    ce = token_loss(plain(tokens))
+    for h in hooks:
+        h.remove()
+    aux = torch.stack([
+        load_balancing_loss_func((m.router.gate(x.reshape(-1, x.shape[-1])),), m.router.num_experts, m.router.top_k)
+        for m, x in moe_inputs
+    ]).mean()
+    (ce + coeff * (batch * seq / step_tokens) * aux).backward()
+    assert 1.5 < aux.item() < 2 * 8  # top_k 2 at balance, more when unbalanced: here it is
+    router_moved = 0.0
+    for (name, p_ours), p_ref in zip(ours.named_parameters(), plain.parameters()):
+        scale = p_ref.grad.abs().max().item()
+        assert (p_ours.grad - p_ref.grad).abs().max().item() <= 1e-5 * scale, name
+    plain.zero_grad()
+    token_loss(plain(tokens)).backward()  # without the aux term the router gradient differs
+    for (name, p_ours), p_plain in zip(ours.named_parameters(), plain.parameters()):
+        if name.endswith("router.gate.weight"):
+            router_moved = max(router_moved, (p_ours.grad - p_plain.grad).abs().max().item() / p_ours.grad.abs().max().item())
+    assert router_moved > 1e-2
 
 
 def test_shipped_moe_config_selects_the_tiny_moe_flavor():
@@ -325,8 +471,12 @@ def test_tied_weights_stay_one_tensor_under_two_process_fsdp(tmp_path, spec, fla
         "--training.steps", "4", "--training.seq_len", "128", "--training.local_batch_size", "4",
         "--metrics.log_freq", "1", "--parallelism.data_parallel_shard_degree", "2",
         "--checkpoint.enable", "--checkpoint.interval", "2", "--checkpoint.last_save_in_hf",
+        # bias balancing (the aux loss is the default), which last_save_in_hf takes only when told
+        *(["--moe.load_balance_coeff", "1e-3", "--moe.allow_routing_drift"] if "moe" in flavor else []),
     ], nproc=2)
     assert "Applied FSDP" in proc.output
+    assert ("allow_routing_drift: the MoE routing biases (moe.expert_bias) are not in this Hugging Face "
+            "folder" in proc.output) is ("moe" in flavor)
     step2, step4 = tmp_path / "checkpoint" / "step-2", tmp_path / "checkpoint" / "step-4"
 
     # after two optimizer steps the head is still the embedding (two units would have diverged)

@@ -21,8 +21,9 @@ stacks the MoE experts: HF keeps one tensor per expert,
 ``model.layers.L.mlp.experts.E.{gate,up,down}_proj.weight``). With tying,
 ``to_hf`` leaves ``lm_head.weight`` out and ``from_hf`` fills the head from
 ``model.embed_tokens.weight`` when the checkpoint has no head. MoE routing
-biases (``moe.expert_bias``) have no HF counterpart: they are not exported,
-and stay 0 when importing.
+biases (``moe.expert_bias``, ``[moe] load_balance_coeff``) have no HF
+counterpart: they are not exported (the export refuses nonzero ones unless
+told to drift), and stay 0 when importing.
 """
 
 from pathlib import Path
@@ -141,10 +142,13 @@ def hf_config_for(model_name: str, model_args: Any, **overrides: Any) -> Any:
 
     ``model_name`` is the train spec (``"ext_llama3"``, ``"ext_qwen3"``, or
     torchtitan's ``"llama3"``/``"qwen3"``). ``max_position_embeddings`` is the
-    flavor's ``max_seq_len`` (the released context for the real-size flavors;
-    a trained run's args hold ``training.seq_len``), at least 131072 with
-    Llama-3 RoPE scaling, whose HF form requires more than the original
-    8192 (it only labels the config; no weight depends on it). Token ids are not part
+    flavor's ``context_length``, the released model's context (Qwen3 and
+    Qwen3-MoE 40960, Llama-3.1/3.2 131072, SmolLM2 8192; tiny flavors their
+    defined ``max_seq_len``: Qwen3 4096, Llama 131072), or the trained
+    ``max_seq_len`` when that is longer; never ``training.seq_len`` alone,
+    since servers take their context limit from it. It is at least 131072
+    with Llama-3 RoPE scaling, whose HF form requires more than the
+    original 8192 (no weight depends on it). Token ids are not part
     of the model args: pass ``bos_token_id=``, ``eos_token_id=`` (and e.g.
     ``dtype="bfloat16"``) in ``overrides``, which are set last. Raises
     ConfigError for a name or a setting HF cannot express.
@@ -155,7 +159,7 @@ def hf_config_for(model_name: str, model_args: Any, **overrides: Any) -> Any:
         num_hidden_layers=model_args.n_layers,
         num_attention_heads=model_args.n_heads,
         hidden_act="silu",
-        max_position_embeddings=model_args.max_seq_len,
+        max_position_embeddings=max(getattr(model_args, "context_length", 0) or 0, model_args.max_seq_len),
         rms_norm_eps=model_args.norm_eps,
         rope_theta=float(model_args.rope_theta),
         tie_word_embeddings=is_tied(model_args),

@@ -7,10 +7,12 @@ of :mod:`ext.parallel` and the run summary of :mod:`ext.metrics`.
 Weight tying (``enable_weight_tying``, which torchtitan's Llama-3 lacks) is
 added here: one Parameter for ``tok_embeddings`` and ``output``, kept in one
 FSDP unit, written once to HF checkpoints (see :mod:`ext.models.tying`).
-Real-size flavors besides torchtitan's: ``3.2-1B`` and ``3.2-3B`` (tied,
+Real-size flavors besides torchtitan's (``8B``, ``70B``, ``405B``: Llama-3.1,
+July 2024): ``3.2-1B`` and ``3.2-3B`` (Llama-3.2, September 2024; tied,
 RoPE scaling factor 32), ``3.1-8B`` (= torchtitan's ``8B``) and the
-SmolLM2 shapes ``smollm2-135M`` and ``smollm2-360M`` (tied, no RoPE
-scaling); ``tests/test_models.py`` checks them against the HF configs.
+SmolLM2 shapes ``smollm2-135M`` and ``smollm2-360M`` (November 2024; tied,
+no RoPE scaling, context 8192); ``tests/test_models.py`` pins them against
+the HF configs.
 """
 
 from __future__ import annotations
@@ -39,6 +41,13 @@ class Llama3Args(TiedArgs, TransformerModelArgs):
 
     enable_weight_tying: bool = False
     """One matrix for the token embedding and the output head (counted once)."""
+
+    context_length: int = 0
+    """
+    Context of the released model this flavor reproduces: the
+    ``max_position_embeddings`` of an HF export (at least the trained
+    ``max_seq_len``). 0: ``max_seq_len``. Training does not change it.
+    """
 
 
 SegmentLlama3Args = with_segment_args(Llama3Args)
@@ -111,11 +120,15 @@ REAL_FLAVORS: dict[str, Llama3Args] = {
 
 
 def llama3_flavors() -> dict[str, TransformerModelArgs]:
-    """torchtitan's llama3 flavors (debugmodel, 8B, 70B, 405B, ...) plus ours."""
-    return {
-        name: convert_args(args, SegmentLlama3Args)
-        for name, args in {**llama3_args, **REAL_FLAVORS, **TINY_FLAVORS}.items()
-    }
+    """torchtitan's llama3 flavors (debugmodel, 8B, 70B, 405B, ...) plus ours, each
+    with ``context_length`` = its ``max_seq_len`` as defined (131072 for Llama-3.1,
+    3.2 and torchtitan's default, 8192 for SmolLM2)."""
+    flavors = {}
+    for name, args in {**llama3_args, **REAL_FLAVORS, **TINY_FLAVORS}.items():
+        flavor = convert_args(args, SegmentLlama3Args)
+        flavor.context_length = args.max_seq_len
+        flavors[name] = flavor
+    return flavors
 
 
 def llama3_train_spec() -> TrainSpec:

@@ -7,17 +7,24 @@ summary, the DDP/gloo fixes) plus:
 
 - weight tying that survives FSDP (:mod:`ext.models.tying`);
 - the ``[moe]`` section and fp32 grouped experts on CPU (:mod:`ext.models.moe`);
-- MoE load balancing actually running: torchtitan's own Qwen3 spec builds
-  plain optimizers, so its ``expert_bias`` never moves; we use
+- MoE load balancing as Qwen3-MoE trains it, an auxiliary loss
+  (``[moe] aux_loss_coeff``, 1e-3 as the released configs'
+  ``router_aux_loss_coef``), which an HF export keeps; the bias balancing of
+  torchtitan (``[moe] load_balance_coeff``) is off by default and, when
+  chosen, actually runs: torchtitan's own Qwen3 spec builds plain
+  optimizers, so its ``expert_bias`` never moves; we use
   ``build_optimizers_with_moe_load_balancing``.
 
 Flavors: torchtitan's (``0.6B``, ``1.7B``, ``4B``, ``8B``, ``14B``, ``32B``,
 ``30B-A3B``, ``235B-A22B``, ``debugmodel``, ``debugmodel_moe``), whose
-shapes are those of the released checkpoints (``tests/test_models.py``
-checks them against the HF configs), with ``max_seq_len`` set to the
-originals' 40960 (it only matters for HF export; training sets it to
-``training.seq_len``); plus tiny CPU flavors on the shipped 2048-token
-tokenizer.
+shapes are those of the released checkpoints of the original (April 2025)
+Qwen3 release (``tests/test_models.py`` pins them against those HF
+configs): ``max_seq_len`` and ``context_length`` 40960 and ``rope_theta``
+1e6 for every one (torchtitan's ``235B-A22B`` says 5e6 and 4096, and its
+``30B-A3B`` 262144: values of the later 2507 releases or none). Training sets
+``max_seq_len`` to ``training.seq_len``; ``context_length`` is what an HF
+export declares. Plus tiny CPU flavors on the shipped 2048-token tokenizer
+(context 4096).
 """
 
 import copy
@@ -31,7 +38,7 @@ from torchtitan.models.qwen3.infra.parallelize import parallelize_qwen3
 from torchtitan.models.qwen3.model.state_dict_adapter import Qwen3StateDictAdapter
 from torchtitan.protocols.train_spec import TrainSpec
 
-from ext.models.moe import install_routed_moe, moe_args_from_config
+from ext.models.moe import QWEN3_AUX_LOSS_COEFF, balanced_moe_args, install_routed_moe, moe_args_from_config
 from ext.models.segments import SegmentMasking, convert_args, with_segment_args
 from ext.models.spec import ext_train_spec
 from ext.models.tying import TiedArgs
@@ -42,6 +49,13 @@ QWEN3_SPEC_NAME = "ext_qwen3"
 @dataclass
 class Qwen3Args(TiedArgs, Qwen3ModelArgs):
     """torchtitan's Qwen3 args; the config also sets ``[moe]`` and checks tying."""
+
+    context_length: int = 0
+    """
+    Context of the released model this flavor reproduces: the
+    ``max_position_embeddings`` of an HF export (at least the trained
+    ``max_seq_len``). 0: ``max_seq_len``. Training does not change it.
+    """
 
     def update_from_config(self, job_config: Any, **kwargs: Any) -> None:
         super().update_from_config(job_config, **kwargs)
@@ -88,18 +102,29 @@ TINY_FLAVORS: dict[str, Qwen3ModelArgs] = {
     ),
 }
 
-# max_position_embeddings of the released checkpoints (torchtitan's flavors say 4096).
-_ORIGINAL_CONTEXT = {name: 40960 for name in ("0.6B", "1.7B", "4B", "8B", "14B", "32B", "30B-A3B")}
+# The original (April 2025) Qwen3 releases: max_position_embeddings 40960 and
+# rope_theta 1e6 for every size (torchtitan's flavors say max_seq_len 4096, and
+# 262144 for 30B-A3B; its 235B-A22B has rope_theta 5e6, from the 2507 release).
+ORIGINAL_RELEASE = {
+    name: dict(max_seq_len=40960, rope_theta=1000000)
+    for name in ("0.6B", "1.7B", "4B", "8B", "14B", "32B", "30B-A3B", "235B-A22B")
+}
 
 
 def qwen3_flavors() -> dict[str, SegmentQwen3Args]:
-    """torchtitan's qwen3 flavors plus ours, each with its own MoEArgs copy."""
+    """torchtitan's qwen3 flavors (real sizes as released, see
+    :data:`ORIGINAL_RELEASE`) plus ours, each with its own MoEArgs copy. MoE
+    flavors balance with Qwen3's auxiliary loss, without routing biases."""
     flavors = {}
     for name, args in {**qwen3_args, **TINY_FLAVORS}.items():
         args = copy.deepcopy(args)
-        if name in _ORIGINAL_CONTEXT:
-            args = replace(args, max_seq_len=_ORIGINAL_CONTEXT[name])
-        flavors[name] = convert_args(args, SegmentQwen3Args)
+        args = replace(args, **ORIGINAL_RELEASE.get(name, {}))
+        if args.moe_enabled:
+            args = replace(args, moe_args=balanced_moe_args(
+                args.moe_args, load_balance_coeff=None, aux_loss_coeff=QWEN3_AUX_LOSS_COEFF))
+        flavor = convert_args(args, SegmentQwen3Args)
+        flavor.context_length = args.max_seq_len
+        flavors[name] = flavor
     return flavors
 
 
