@@ -31,6 +31,8 @@ turns ``config_argv`` into the JobConfig.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
 import tomllib
@@ -86,8 +88,8 @@ def load_job_config(argv: list[str]) -> Any:
     if typos:
         raise ConfigError("; ".join(f"{config_file}: {t}" for t in typos))
     try:
-        with warnings.catch_warnings(), tyro_prog(argv):  # tyro warns about mistyped TOML values;
-            warnings.simplefilter("ignore", UserWarning)  # preflight reports them
+        with warnings.catch_warnings(), tyro_prog(argv), _quiet_assets_warning():  # tyro warns about
+            warnings.simplefilter("ignore", UserWarning)  # mistyped TOML values; preflight reports them
             return ConfigManager().parse_args(argv)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{config_file}: not valid TOML ({exc})") from None
@@ -95,6 +97,22 @@ def load_job_config(argv: list[str]) -> Any:
         raise
     except ValueError as exc:  # torchtitan's unknown-key error spans lines
         raise ConfigError(" ".join(str(exc).split())) from None
+
+
+@contextlib.contextmanager
+def _quiet_assets_warning():
+    """Drop torchtitan's unprefixed ``HF assets path X does not exist!`` warning
+    while parsing: the check reports a missing [model] hf_assets_path itself."""
+    from torchtitan.tools.logging import logger
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("HF assets path ")
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 # ------------------------------------------------------------------ lr-schedule

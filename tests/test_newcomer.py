@@ -78,3 +78,40 @@ def test_command_line_typo_points_to_a_command_that_lists_the_options(capsys):
     assert "training.seq-len" in err  # tyro's suggestion
     assert f"./run_train.sh --job.config_file {DEBUG_CONFIG} --help" in " ".join(err.replace("│", " ").split()), err
     assert "cli.py --help" not in err
+
+
+# -- 4. every problem once ------------------------------------------------------------------
+
+def _errors(capsys, *args: str) -> tuple[list[str], str]:
+    assert cli(["check", "--job.config_file", str(DEBUG_CONFIG), *args]) == 2
+    err = capsys.readouterr().err
+    return [line for line in err.splitlines() if line.startswith("error:")], err
+
+
+def test_a_missing_data_path_is_reported_once(tmp_path, capsys):
+    lines, err = _errors(capsys, "--data.datasets", str(tmp_path / "nope.jsonl"))
+    assert len(lines) == 1 and "nope.jsonl" in lines[0], err
+    assert "1 problem(s)" in err
+
+
+def test_a_sampling_probs_mismatch_is_reported_once(capsys):
+    lines, err = _errors(capsys, "--data.sampling_probs", "0.5", "0.5")
+    assert lines == ["error: [data] sampling_probs has 2 entries but datasets has 1"], err
+
+
+def test_every_missing_source_is_reported(tmp_path, capsys):
+    missing = [str(tmp_path / n) for n in ("web", "code", "math")]
+    lines, err = _errors(capsys, "--data.datasets", ",".join(missing), "--data.sampling_probs", "0.6", "0.2", "0.2")
+    for i, path in enumerate(missing):
+        assert sum(f"datasets[{i}] '{path}'" in line for line in lines) == 1, err
+    assert "3 problem(s)" in err
+
+
+def test_check_of_a_config_without_its_assets_prints_only_its_problems():
+    proc = run_command([".venv/bin/python", "-m", "ext.cli", "check", "--job.config_file",
+                        "train_configs/llama3_8b_multisource.toml"])
+    assert proc.returncode == 2
+    assert "HF assets path" not in proc.output  # torchtitan's unprefixed warning
+    assert all(line.startswith("error:") for line in proc.stderr.splitlines()[:-1]), proc.stderr
+    for source in ("/data/web", "/data/code", "/data/math"):
+        assert proc.stderr.count(f"'{source}' does not exist") == 1, proc.stderr
