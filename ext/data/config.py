@@ -76,7 +76,10 @@ class Data:
     """
 
     shuffle: bool = True
-    """Shuffle each source's records within each reader, anew every epoch."""
+    """
+    Each epoch, visit a source's ranges in a fresh seeded order and the records
+    of each range in a seeded order (see ext/data/sources.py).
+    """
 
     packing: Literal["bfd", "greedy"] = "bfd"
     """
@@ -98,8 +101,9 @@ class Data:
 
     bad_records: Literal["skip", "error"] = "skip"
     """
-    A malformed record (bad JSON line, missing or non-string text): "skip"
-    counts it and warns with file and line; "error" stops with that message.
+    A malformed record (bad JSON, bad UTF-8, a lone surrogate, a missing, null,
+    non-string or empty text), in any format: "skip" counts it per source and
+    warns with file:line (or file:row N); "error" stops with that message.
     """
 
     num_workers: int | str = "auto"
