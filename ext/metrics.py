@@ -95,7 +95,9 @@ class SummaryMetricsProcessor(MetricsProcessor):
 
     def should_log(self, step: int) -> bool:
         self._last_step = step
-        logged = super().should_log(step)
+        # the last step too, so that a run shorter than log_freq (or not a multiple
+        # of it) ends its history and summary on the loss it finished with
+        logged = super().should_log(step) or step == self.job_config.training.steps
         lr, self._step_lr = self._step_lr, None
         window = LOADER_STATS.last_window if self._skyladder else None
         if lr is not None:

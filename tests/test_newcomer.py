@@ -115,3 +115,27 @@ def test_check_of_a_config_without_its_assets_prints_only_its_problems():
     assert all(line.startswith("error:") for line in proc.stderr.splitlines()[:-1]), proc.stderr
     for source in ("/data/web", "/data/code", "/data/math"):
         assert proc.stderr.count(f"'{source}' does not exist") == 1, proc.stderr
+
+
+# -- 5, 6. the log of a short CPU run, output redirected ---------------------------------------
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """The debug config for 3 steps (log_freq 10, warmup 20), output captured (not a terminal)."""
+    out = tmp_path_factory.mktemp("short") / "out"
+    proc = run_command(["./run_train.sh", "--job.config_file", str(DEBUG_CONFIG), "--training.steps", "3",
+                        "--job.dump_folder", str(out)])
+    assert proc.returncode == 0, proc.output[-4000:]
+    return proc, out
+
+
+def test_a_short_run_records_its_last_step(short_run):
+    from .conftest import read_summary
+
+    _, out = short_run
+    summary = read_summary(out)
+    assert [h["step"] for h in summary["history"]] == [1, 3]
+    assert summary["last_loss"] == summary["history"][-1]["loss"] != summary["first_loss"]
