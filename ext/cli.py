@@ -296,7 +296,18 @@ def _check_arguments(parser: argparse.ArgumentParser) -> None:
 def _check(args: argparse.Namespace, config_argv: list[str]) -> int:
     from ext.preflight import check
 
-    problems = check(load_job_config(["--job.config_file", args.config_file, *config_argv]))
+    cfg = load_job_config(["--job.config_file", args.config_file, *config_argv])
+    problems = check(cfg)
+    try:
+        from ext.memory import estimate
+        from ext.preflight import Launch
+
+        launch = Launch.from_env()
+        memory = estimate(cfg, launch.world_size, launch.local_world_size, launch.cuda)
+        if memory is not None:
+            print(memory.line())
+    except Exception:  # the memory_fits check has reported why
+        pass
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     if problems:

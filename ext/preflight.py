@@ -293,6 +293,22 @@ def sizes_and_layout(cfg: Any, launch: Launch) -> Iterator[str]:
         yield f"[training] seq_len = {t.seq_len} must be divisible by {divisor} (tp x 2 cp)"
 
 
+@check_fn
+def memory_fits(cfg: Any, launch: Launch) -> Iterator[str]:
+    """The estimate of :mod:`ext.memory` against the device's memory (RAM per process on CPU)."""
+    from ext.memory import GiB, estimate
+
+    est = estimate(cfg, launch.world_size, launch.local_world_size, launch.cuda)
+    if est is None or not est.device_bytes or est.total_bytes <= est.device_bytes:
+        return
+    yield (f"[training] about {est.total_bytes / GiB:,.1f} GiB per process needed but the {est.device} has "
+           f"{est.device_bytes / GiB:.1f} GiB (parameters+gradients+optimizer {est.states_bytes / GiB:,.1f}, "
+           f"activations {est.activations_bytes / GiB:,.1f}, logits {est.logits_bytes / GiB:,.1f} GiB at "
+           f"seq_len {cfg.training.seq_len} x local_batch_size {cfg.training.local_batch_size}); lower them, "
+           "set [activation_checkpoint] mode = \"full\", or shard over more processes "
+           "(EXT_SKIP_PREFLIGHT=1 starts anyway)")
+
+
 # -- MoE ----------------------------------------------------------------------------------------
 
 @check_fn

@@ -139,3 +139,33 @@ def test_a_short_run_records_its_last_step(short_run):
     summary = read_summary(out)
     assert [h["step"] for h in summary["history"]] == [1, 3]
     assert summary["last_loss"] == summary["history"][-1]["loss"] != summary["first_loss"]
+
+
+# -- 2. the preflight says what will not work ----------------------------------------------
+
+def test_check_prints_the_memory_estimate(capsys):
+    assert cli(["check", "--job.config_file", str(DEBUG_CONFIG)]) == 0
+    out = capsys.readouterr().out
+    assert "memory estimate per process:" in out and "(1,311,872 parameters)" in out, out  # as the trainer logs
+
+
+def test_a_config_far_too_big_for_the_device_is_refused_with_the_numbers(capsys):
+    lines, err = _errors(capsys, "--model.flavor", "3.2-1B", "--training.seq_len", "262144")
+    memory = [line for line in lines if "GiB per process needed" in line]
+    assert len(memory) == 1, err
+    assert "seq_len 262144 x local_batch_size 8" in memory[0] and "activations" in memory[0]
+
+
+def test_memory_estimate_scales_with_sharding_and_checkpointing():
+    from ext.cli import load_job_config
+    from ext.memory import estimate
+
+    def est(*args: str):
+        return estimate(load_job_config(["--job.config_file", str(DEBUG_CONFIG), *args]), 4, 4, False)
+
+    one = est("--parallelism.data_parallel_shard_degree", "1", "--parallelism.data_parallel_replicate_degree", "4")
+    four = est("--parallelism.data_parallel_shard_degree", "4")
+    assert four.states_bytes * 4 == one.states_bytes == 16 * 1_311_872
+    none = est("--activation_checkpoint.mode", "none")
+    full = est("--activation_checkpoint.mode", "full")
+    assert full.activations_bytes < none.activations_bytes
