@@ -281,3 +281,77 @@ def test_bad_records_are_skipped_and_counted_under_skip(tmp_path, tok, texts):
     assert (info["records"], info["bad_records"], info["documents"]) == (30, 3, 27)
     good = [t for i, t in enumerate(texts[:30]) if i not in (3, 10, 20)]
     assert read_all(tmp_path / "out", tokenizer_identity(tok)) == reference(tok, good)
+
+
+# -- the loader takes a token folder as a source ----------------------------------------------
+
+
+def _loader_config(tmp_path: Path, location: Path, extra: str = ""):
+    from torchtitan.config import ConfigManager
+
+    toml = tmp_path / f"loader-{location.name}.toml"
+    toml.write_text(f'[job]\ncustom_config_module = "ext.job_config"\n[model]\nhf_assets_path = "{TOKENIZER}"\n'
+                    f'[data]\ndatasets = ["{location}"]\nnum_workers = 0\nbuffer_docs = 64\n'
+                    f'on_exhaustion = ["drop"]\n{extra}[training]\nseq_len = 128\nlocal_batch_size = 4\n')
+    return ConfigManager().parse_args(["--job.config_file", str(toml)])
+
+
+def _epoch_documents(cfg) -> list[tuple[int, ...]]:
+    """Every document (token span between segment starts, BOS..EOS) the loader yields over one epoch."""
+    from torchtitan.components.tokenizer import HuggingFaceTokenizer
+
+    from ext.data.loader import build_packed_dataloader
+
+    loader = build_packed_dataloader(1, 0, HuggingFaceTokenizer(str(TOKENIZER)), cfg)
+    docs = []
+    for sample, labels in loader:
+        for row, seg, lab in zip(sample["input"].numpy(), sample["segment_ids"].numpy(), labels.numpy()):
+            starts = np.flatnonzero(np.diff(seg, prepend=-1))
+            for a, b in zip(starts, list(starts[1:]) + [len(row)]):
+                last = [int(lab[b - 1])] if b == len(row) and lab[b - 1] >= 0 else []  # the row's last column
+                docs.append(tuple(row[a:b].tolist()) + tuple(last))
+    return docs
+
+
+def test_the_loader_delivers_a_token_folder_as_it_delivers_the_text(tmp_path, capsys):
+    """Same documents, same tokens, each once per epoch; padding rows aside."""
+    corpus = tmp_path / "web.jsonl"
+    corpus.write_text("".join(WEB_CORPUS.read_text().splitlines(keepends=True)[:300]))
+    code = cli(["tokenize", str(corpus), "--out", str(tmp_path / "tok"), "--job.config_file",
+                str(write_config(tmp_path))])
+    assert code == 0, capsys.readouterr().err
+    from_text = _epoch_documents(_loader_config(tmp_path, corpus))
+    from_tokens = _epoch_documents(_loader_config(tmp_path, tmp_path / "tok"))
+    real = lambda docs: sorted(d for d in docs if d[0] == BOS)  # noqa: E731  (padding tails start with EOS)
+    assert len(real(from_text)) == 300
+    assert real(from_tokens) == real(from_text)
+
+
+def test_the_loader_refuses_a_token_folder_of_another_tokenizer_with_one_line(tmp_path, capsys):
+    corpus = tmp_path / "web.jsonl"
+    corpus.write_text("".join(WEB_CORPUS.read_text().splitlines(keepends=True)[:20]))
+    cli(["tokenize", str(corpus), "--out", str(tmp_path / "tok"), "--job.config_file",
+         str(write_config(tmp_path))])
+    cfg = _loader_config(tmp_path, tmp_path / "tok", extra="add_bos = false\n")
+    from torchtitan.components.tokenizer import HuggingFaceTokenizer
+
+    from ext.data.loader import build_packed_dataloader
+
+    with pytest.raises(DataError, match=r"has documents wrapped in BOS \d+ / EOS \d+ but the config adds BOS None"):
+        build_packed_dataloader(1, 0, HuggingFaceTokenizer(str(TOKENIZER)), cfg)
+    info = json.loads((tmp_path / "tok" / METADATA_FILE).read_text())
+    info["tokenizer"]["id"] = "sha256:" + "0" * 64
+    (tmp_path / "tok" / METADATA_FILE).write_text(json.dumps(info))
+    with pytest.raises(DataError, match=r"was written with another tokenizer"):
+        build_packed_dataloader(1, 0, HuggingFaceTokenizer(str(TOKENIZER)), _loader_config(tmp_path, tmp_path / "tok"))
+
+
+def test_a_folder_of_datatrove_files_without_our_metadata_is_one_config_error(tmp_path):
+    from ext.data.config import Data, resolve_sources
+    from ext.errors import ConfigError
+
+    folder = tmp_path / "dt"
+    folder.mkdir()
+    (folder / "00000.ds").write_bytes(b"\0\0")
+    with pytest.raises(ConfigError, match=r"holds .ds files but not the tokenizer identity"):
+        resolve_sources(Data(datasets=[str(folder)]))

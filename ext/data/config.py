@@ -181,7 +181,7 @@ class SourceSpec:
 
     name: str
     location: str
-    kind: str  # "jsonl" | "json" | "parquet" | "arrow" | "txt" | "hub"
+    kind: str  # "jsonl" | "json" | "parquet" | "arrow" | "txt" | "hub" | "tokens"
     files: tuple[str, ...]  # empty for hub
     split: str
     text_field: str
@@ -259,6 +259,8 @@ def local_data_files(location: str, fmt: str = "auto") -> tuple[str, tuple[str, 
         n for n in os.listdir(location)
         if not n.startswith((".", "_")) and os.path.isfile(os.path.join(location, n))
     )
+    if fmt in ("auto", "tokens") and (TOKEN_METADATA in names or any(n.endswith(".ds") for n in names)):
+        return "tokens", token_folder_files(location)
     if _SAVE_TO_DISK_FILES <= set(names):  # a `save_to_disk` folder: its .json files are metadata
         names = [n for n in names if n not in _SAVE_TO_DISK_FILES]
         if fmt == "auto" and not any(n.lower().endswith(".arrow") for n in names):
@@ -292,6 +294,23 @@ def local_data_files(location: str, fmt: str = "auto") -> tuple[str, tuple[str, 
             "or point at a data file or another folder"
         )
     return kind, tuple(sorted(os.path.join(location, n) for n in chosen))
+
+
+TOKEN_METADATA = "ext_tokenized.json"  # ext.data.tokenized.METADATA_FILE
+
+
+def token_folder_files(location: str) -> tuple[str, ...]:
+    """The ``.ds`` token files of a token folder (``python -m ext.cli tokenize``),
+    in the order its metadata lists them. Raises ConfigError (one line) for a
+    folder of ``.ds`` files without our metadata, whose tokenizer cannot be checked."""
+    from ext.data.tokenized import read_token_metadata
+    from ext.errors import DataError
+
+    try:
+        info = read_token_metadata(location)
+    except DataError as exc:
+        raise ConfigError(str(exc)) from None
+    return tuple(os.path.join(location, entry["file"]) for entry in info["shards"])
 
 
 def looks_like_hub_id(location: str) -> bool:

@@ -191,6 +191,25 @@ def _encoder(job_config: Any, tokenizer: Any) -> TextEncoder | ChatEncoderSpec:
     return spec
 
 
+def _check_token_folders(specs: list[SourceSpec], job_config: Any, tokenizer: Any) -> None:
+    """Refuse (DataError, one line) a token folder written with another tokenizer
+    or other BOS/EOS than this config's, or with missing/truncated shards."""
+    tokens = [s for s in specs if s.kind == "tokens"]
+    if not tokens:
+        return
+    from ext.data.tokenized import open_token_folder, tokenizer_identity
+
+    sft = getattr(job_config, "sft", None)
+    if sft is not None and sft.enable:
+        raise ConfigError(f"[data] source {tokens[0].name!r} is a token folder, which holds no chat "
+                          "loss masks; give [sft] its chat data as text (jsonl/parquet)")
+    cfg = job_config.data
+    encoding = (tokenizer.bos_id if cfg.add_bos else None, tokenizer.eos_id if cfg.add_eos else None)
+    identity = tokenizer_identity(tokenizer.tokenizer)
+    for spec in tokens:
+        open_token_folder(spec.location, identity, encoding)
+
+
 def _window_clock(job_config: Any, dp_world_size: int) -> WindowClock | None:
     sky = getattr(job_config, "skyladder", None)
     if sky is None or not sky.enable:
@@ -232,6 +251,7 @@ def build_packed_dataloader(
         return build_text_dataloader(dp_world_size=dp_world_size, dp_rank=dp_rank,
                                      tokenizer=tokenizer, job_config=job_config, **kwargs)
     cfg = job_config.data
+    _check_token_folders(specs, job_config, tokenizer)
     num_workers = resolve_num_workers(cfg.num_workers, specs, dp_world_size)
     pad_id = getattr(tokenizer, "pad_id", None)
     if pad_id is None:
