@@ -183,8 +183,13 @@ def data_sources(cfg: Any, launch: Launch) -> Iterator[str]:
         if unreadable:
             yield f"[data] source {spec.name!r}: {unreadable[0]} is not readable; fix its permissions"
             continue
-        if spec.kind == "hub":
-            continue  # needs the network; checked when loading
+        if spec.kind == "hub":  # cached, or the Hub reachable; its records are checked when loading
+            from ext.offline import hub_problem
+
+            problem = hub_problem(spec.name, spec.location)
+            if problem:
+                yield problem
+            continue
         if not plan_source(spec).has_records():
             yield f"[data] source {spec.name!r} ({spec.location}) has no records; fill it or remove it"
 

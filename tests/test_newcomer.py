@@ -169,3 +169,24 @@ def test_memory_estimate_scales_with_sharding_and_checkpointing():
     none = est("--activation_checkpoint.mode", "none")
     full = est("--activation_checkpoint.mode", "full")
     assert full.activations_bytes < none.activations_bytes
+
+
+def test_an_unreachable_hub_dataset_is_one_line_with_the_offline_fix(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    lines, err = _errors(capsys, "--data.datasets", "HuggingFaceFW/fineweb-edu")
+    hub = [line for line in lines if "HuggingFaceFW/fineweb-edu" in line]
+    assert len(hub) == 1, err
+    assert "HF_HUB_OFFLINE" in hub[0] and "local copy" in hub[0] and "huggingface-cli download" in hub[0]
+
+
+def test_a_cached_hub_dataset_passes_offline(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    snapshot = tmp_path / "hub" / "datasets--HuggingFaceFW--fineweb-edu" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "README.md").write_text("x")
+    code = cli(["check", "--job.config_file", str(DEBUG_CONFIG), "--data.datasets", "HuggingFaceFW/fineweb-edu"])
+    err = capsys.readouterr().err
+    assert "fineweb-edu" not in err, err
+    assert code == 0, err
