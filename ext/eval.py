@@ -434,6 +434,30 @@ def _describe(spec: Any) -> str:
     return spec.location + (f" split {spec.split}" if spec.kind == "hub" else "")
 
 
+def taskset_id_problem(env_id: str) -> str | None:
+    """Why the verifiers 0.4 taskset id ``env_id`` does not resolve here, or None.
+
+    An id names a Python module, resolved as verifiers does: ``owner/name@version``
+    -> ``name``, hyphens -> underscores, lower case; first the built-in
+    ``verifiers.v1.tasksets.<name>``, then the module ``<name>`` itself (a dotted
+    path such as ``tests.verifiers_echo`` works from the repository root). The
+    module exports its ``vf.Taskset`` subclass in ``__all__``.
+    """
+    import importlib.util
+
+    module = env_id.rsplit("/", 1)[-1].split("@", 1)[0].replace("-", "_").lower()
+    for target in (f"verifiers.v1.tasksets.{module}", module):
+        try:
+            if importlib.util.find_spec(target) is not None:
+                return None
+        except (ImportError, ValueError):  # a parent package is missing
+            pass
+    return (f"[eval] verifiers_envs: {env_id!r} does not resolve (no module {module!r} nor "
+            f"verifiers.v1.tasksets.{module}); an id names an importable module whose __all__ exports a "
+            "vf.Taskset subclass: pip install the environment's package, or put your module on PYTHONPATH "
+            "(e.g. tests.verifiers_echo from the repository root)")
+
+
 try:  # `python -m ext.cli check` and run_train.sh report [eval] problems before training
     from ext.preflight import check_fn
 except ImportError:  # pragma: no cover - older trees without the preflight module
@@ -458,3 +482,7 @@ if check_fn is not None:
                        "`pip install -e .[verifiers]` or set [eval] verifiers_envs = []")
             if cfg.parallelism.pipeline_parallel_degree > 1:
                 yield "[eval] verifiers_envs cannot generate with pipeline parallelism; set [eval] verifiers_envs = []"
+            for env_id in eval_cfg.verifiers_envs:
+                problem = taskset_id_problem(env_id)
+                if problem:
+                    yield problem

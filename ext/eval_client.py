@@ -345,7 +345,11 @@ class VerifiersEval:
             if harness:
                 agent["harness"] = {"id": harness}
             config = vf.resolve_env_config({"taskset": {"id": env_id}, "agent": agent})
-            self.envs[env_id] = vf.load_environment(config)  # a bad id fails here, at start-up
+            try:  # a bad id fails here, at start-up
+                self.envs[env_id] = vf.load_environment(config)
+            except (ImportError, AttributeError, TypeError, ValueError) as exc:
+                raise ConfigError(f"[eval] verifiers_envs: {env_id!r} cannot be loaded: "
+                                  f"{' '.join(str(exc).split())}") from None
         self.vf = vf
 
     async def _evaluate(self) -> dict[str, tuple[float, int, int]]:

@@ -190,3 +190,11 @@ def test_a_cached_hub_dataset_passes_offline(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "fineweb-edu" not in err, err
     assert code == 0, err
+
+
+def test_a_verifiers_environment_id_that_does_not_resolve_is_named(capsys):
+    lines, err = _errors(capsys, "--eval.verifiers_envs", "tests.verifiers_echo,acme/no-such-env@1.0")
+    bad = [line for line in lines if "no-such-env" in line]
+    assert len(bad) == 1, err
+    assert "no_such_env" in bad[0] and "PYTHONPATH" in bad[0] and "__all__" in bad[0]
+    assert not any("'tests.verifiers_echo' does not resolve" in line for line in lines), err  # a module here
