@@ -124,6 +124,8 @@ class SummaryMetricsProcessor(MetricsProcessor):
     ) -> None:
         tokens = self.ntokens_since_last_log
         data_metrics = LOADER_STATS.take()
+        if data_metrics:  # bad records skipped so far, per source (window counts: data/bad_records/*)
+            data_metrics.update({f"data/skipped/{name}": float(n) for name, n in LOADER_STATS.bad_records.items()})
         flops_metrics = {}
         if self._flops is not None and tokens > 0:
             flops_metrics = self._flops.window(
@@ -138,9 +140,14 @@ class SummaryMetricsProcessor(MetricsProcessor):
                 for k, v in data_metrics.items() if k.startswith("data/mix/")
             )
             window = data_metrics["data/attention_window"]
+            skipped = "  ".join(
+                f"{name} {int(data_metrics.get(f'data/bad_records/{name}', 0))} (total {n})"
+                for name, n in LOADER_STATS.bad_records.items() if n
+            )
             logger.info(
                 f"data: pad {100 * data_metrics['data/pad_fraction']:.2f}%  docs cut "
                 f"{100 * data_metrics['data/docs_cut_fraction']:.2f}%  window {window:.0f}  mix {mix}"
+                + (f"  skipped bad records: {skipped}" if skipped else "")
             )
         if flops_metrics:
             logger.info(self._flops.line(flops_metrics))
@@ -176,6 +183,8 @@ class SummaryMetricsProcessor(MetricsProcessor):
                 self._timed_tokens / elapsed if elapsed > 0 else None
             ),
             **(self._flops.summary(elapsed) if self._flops is not None else {}),
+            **({"skipped_bad_records": {n: LOADER_STATS.bad_records.get(n, 0) for n in LOADER_STATS.names}}
+               if LOADER_STATS.names else {}),
             "history": self.history,
             **({"eval": self.eval_history} if self.eval_history else {}),
         }

@@ -129,6 +129,21 @@ def test_a_bad_record_found_while_training_ends_the_run_with_its_one_line_messag
     assert "Traceback" not in proc.output  # neither the rank's nor the launcher's
 
 
+def test_skipped_bad_records_show_in_the_log_line_tensorboard_keys_and_the_summary(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    good = WEB_CORPUS.read_text().splitlines()[:60]
+    data.write_bytes(("\n".join([good[0], '{"text": broken', *good[1:30]]) + "\n").encode()
+                     + b'{"text": "caf\xe9"}\n' + ('{"text": ""}\n' + "\n".join(good[30:]) + "\n").encode())
+    proc = run_command(["./run_train.sh", "--job.config_file", str(DEBUG_CONFIG), "--job.dump_folder",
+                        str(tmp_path / "out"), "--data.datasets", str(data), "--data.num_workers", "1",
+                        "--data.on_exhaustion", "drop", "--training.steps", "20", "--metrics.log_freq", "1"])
+    assert proc.returncode == 0, proc.output[-4000:]  # one epoch: the run ends when the data does
+    assert "skipped bad records: bad 3 (total 3)" in proc.output, proc.output[-4000:]
+    summary = read_summary(tmp_path / "out")
+    assert summary["skipped_bad_records"] == {"bad": 3}
+    assert summary["history"][-1]["data/skipped/bad"] == 3.0  # what TensorBoard gets too
+
+
 def test_one_line_unwraps_an_error_reraised_from_a_loader_worker():
     from ext.errors import DataError, one_line
 
