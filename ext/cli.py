@@ -306,6 +306,10 @@ def _check(args: argparse.Namespace, config_argv: list[str]) -> int:
         memory = estimate(cfg, launch.world_size, launch.local_world_size, launch.cuda)
         if memory is not None:
             print(memory.line())
+        from ext.memory import launch_notes
+
+        for note in launch_notes(cfg, launch.world_size, launch.local_world_size, launch.cuda):
+            print(note, file=sys.stderr)
     except Exception:  # the memory_fits check has reported why
         pass
     for problem in problems:

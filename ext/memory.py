@@ -24,6 +24,10 @@ config that is several times too big, not to tune one that is close.
 
 The device's memory is the GPU's, or on a CPU host the RAM (or the cgroup
 limit) divided over the processes of this node.
+
+:func:`launch_notes` says the other things a launch changes without asking:
+more CPU processes than cores, and a global batch that grew with the
+data-parallel degree.
 """
 
 from __future__ import annotations
@@ -140,3 +144,24 @@ def estimate(cfg: Any, world_size: int, local_world_size: int, cuda: bool) -> Me
         device_bytes = _host_memory(local_world_size)
         device = f"host RAM / {local_world_size} process(es)" if local_world_size > 1 else "host RAM"
     return MemoryEstimate(params, states, activations, logits, device_bytes, device)
+
+
+def launch_notes(cfg: Any, world_size: int, local_world_size: int, cuda: bool) -> list[str]:
+    """Lines (``warning: ...``/``note: ...``) about the launch, not errors: more
+    processes than CPU cores on a CPU host, and the global batch when torchtitan
+    derives it (``global_batch_size = -1``) from several data-parallel ranks."""
+    notes = []
+    if not cuda:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if local_world_size > cores:
+            notes.append(f"warning: {local_world_size} processes on {cores} CPU core(s): they share the cores "
+                         f"(about {cores / local_world_size:.2g} core each: slow, and gloo collectives may "
+                         f"time out); use NPROC <= {cores}")
+    t, p = cfg.training, cfg.parallelism
+    others = p.tensor_parallel_degree * p.pipeline_parallel_degree * p.context_parallel_degree
+    dp = world_size // max(others, 1)
+    if dp > 1 and not (isinstance(t.global_batch_size, int) and t.global_batch_size > 0):
+        notes.append(f"note: global batch {t.local_batch_size * dp} rows = local_batch_size "
+                     f"{t.local_batch_size} x {dp} data-parallel ranks ({t.local_batch_size * dp * t.seq_len:,} "
+                     f"tokens per step); set [training] global_batch_size to keep it when the process count changes")
+    return notes

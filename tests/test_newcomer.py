@@ -198,3 +198,17 @@ def test_a_verifiers_environment_id_that_does_not_resolve_is_named(capsys):
     assert len(bad) == 1, err
     assert "no_such_env" in bad[0] and "PYTHONPATH" in bad[0] and "__all__" in bad[0]
     assert not any("'tests.verifiers_echo' does not resolve" in line for line in lines), err  # a module here
+
+
+def test_more_processes_than_cores_and_the_grown_global_batch_are_said(capsys, monkeypatch):
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    n = 4 * cores
+    monkeypatch.setenv("WORLD_SIZE", str(n))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(n))
+    assert cli(["check", "--job.config_file", str(DEBUG_CONFIG)]) == 0
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
+    assert f"warning: {n} processes on {cores} CPU core(s)" in out, out
+    assert f"global batch {8 * n} rows = local_batch_size 8 x {n} data-parallel ranks" in out, out
