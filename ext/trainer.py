@@ -249,6 +249,9 @@ class _LoaderCheckpointState(Stateful):
     def state_dict(self) -> dict[str, Any]:
         prefetcher = self._trainer.prefetcher
         pending = prefetcher.pending_loader_state if prefetcher is not None else None
+        checkpoint_state = getattr(self.dataloader, "checkpoint_state", None)
+        if checkpoint_state is not None:  # the packed loader: a global state gathered from every rank
+            return checkpoint_state(pending)
         return pending if pending is not None else self.dataloader.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -304,7 +307,8 @@ class Trainer(TorchtitanTrainer):
         self.prefetcher = DevicePrefetcher(
             data_iterable,
             self.device,
-            snapshot_state=self.dataloader.state_dict if self._snapshot_loader else None,
+            snapshot_state=(getattr(self.dataloader, "local_state", self.dataloader.state_dict)
+                            if self._snapshot_loader else None),
             defer=PackedLoaderStatsDeferral(),
         )
         return self.prefetcher

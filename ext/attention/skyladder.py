@@ -104,10 +104,12 @@ class WindowClock:
     within_documents: bool = True
     """Cut documents too (document masking on); False: only the window grid."""
 
-    def step_of_row(self, rows_out: int, worker: int, n_workers: int) -> int:
-        batch = (rows_out // self.local_batch) * n_workers + worker
+    def step_of_row(self, rows_out: int, worker: int, n_workers: int, base: int = 0) -> int:
+        """``base``: the rank's batches before this layout began (a resume on
+        another layout restarts the round-robin at worker 0)."""
+        batch = base + (rows_out // self.local_batch) * n_workers + worker
         return batch // self.grad_accum
 
-    def window_of_row(self, rows_out: int, worker: int, n_workers: int) -> int:
-        step = self.step_of_row(rows_out, worker, n_workers)
+    def window_of_row(self, rows_out: int, worker: int, n_workers: int, base: int = 0) -> int:
+        step = self.step_of_row(rows_out, worker, n_workers, base)
         return skyladder_window(self.cfg, step, self.full, self.total_steps)

@@ -16,6 +16,7 @@ worker's state when it hands out a batch.
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any, Iterator
 
 import numpy as np
@@ -26,10 +27,17 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ext.attention.skyladder import WindowClock, fragment_segments
 from ext.data.chat import split_untrained
 from ext.data.config import Data, SourceSpec
-from ext.data.mixture import Mixture
+from ext.data.mixture import Mixture, redistribute_mixture
 from ext.data.packing import pack_documents, rows_to_batch
+from ext.errors import DataError
 from ext.flops import attention_counts
-from ext.data.sources import Plan, Source, plan_source
+from ext.data.sources import Plan, Source, fresh_source_state, plan_source, redistribute_source
+
+# Test hook (documented in README [data]): with EXT_DATA_TRACE set, every sample
+# also carries "trace", int64 [seq_len + 1, 5]: one line per document piece in
+# the row, (source, epoch, global range, location in the file, tokens), padded with -1; the
+# loader strips it and appends it to EXT_DATA_TRACE/rank<dp rank>.jsonl.
+TRACE_ENV = "EXT_DATA_TRACE"
 
 # Per-row statistics travel with each sample under this key; the loader
 # strips them before the batch reaches the model.
@@ -116,7 +124,18 @@ class PackedMixtureDataset(IterableDataset, Stateful):
         self._batch: dict[str, np.ndarray] | None = None
         self._stats: np.ndarray | None = None
         self._row = 0
-        self._rows_out = 0  # rows this reader has yielded: the SkyLadder clock
+        self._rows_out = 0  # rows this reader has yielded since its layout began
+        self._rows_base = 0  # rows all readers had yielded when this layout began
+        self._buffer_end: dict[str, Any] | None = None  # state after packing the current buffer
+        self._key = 0  # reader id that keys the current buffer's row shuffle
+        self._own = True  # the current buffer is this reader's own stream (else: handed over)
+        self._adopted: list[dict[str, Any]] = []  # handed-over buffers still to finish
+        self._own_next: dict[str, Any] | None = None  # own stream, to take up after them
+        # Set by the loader after a layout change: worker id -> this reader's new state.
+        self.by_worker: dict[int, dict[str, Any]] | None = None
+        self._trace = bool(os.environ.get(TRACE_ENV))
+        self._trace_ids: np.ndarray | None = None
+        self._trace_docs: np.ndarray | None = None
 
     # -- reader setup -----------------------------------------------------
     def _reader(self) -> tuple[int, int]:
@@ -151,20 +170,108 @@ class PackedMixtureDataset(IterableDataset, Stateful):
         self._mixture.restore(snapshot["mixture"])
 
     def state_dict(self) -> dict[str, Any]:
+        """``pending``: buffers to finish, in order, each as (``start``: sources and
+        mixture when it was packed, ``row``: rows of it already yielded, ``key``:
+        the reader id that keys its row shuffle, ``own``: whether it belongs to
+        this reader's own stream); ``next``: the own stream's state after them;
+        ``rows_out``/``rows_base``: rows yielded by this reader in this layout /
+        by all readers before it; ``reader``/``readers``: the layout."""
         if self._buffer_start is None:
             return self._pending or {}
-        return {"buffer_start": self._buffer_start, "row": self._row, "rows_out": self._rows_out}
+        current = {"start": self._buffer_start, "row": self._row, "key": self._key, "own": self._own}
+        reader, readers = self._reader()
+        return {"pending": [current, *self._adopted], "next": self._buffer_end if self._own else self._own_next,
+                "rows_out": self._rows_out, "rows_base": self._rows_base, "reader": reader, "readers": readers}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = state_dict or None
         self._buffer_start = None
         self._batch = None
 
+    def _fresh_state(self, reader: int, readers: int) -> dict[str, Any]:
+        """The state of a reader that has yielded nothing yet."""
+        return {"pending": [], "rows_out": 0, "rows_base": 0, "reader": reader, "readers": readers,
+                "next": {"sources": [fresh_source_state(reader, readers) for _ in self.specs],
+                         "mixture": {"consumed": [0.0] * len(self.specs),
+                                     "active": [s.prob > 0 for s in self.specs]}}}
+
+    def redistribute(self, old: list[dict[str, Any]], n_new: int) -> tuple[list[dict[str, Any]], str]:
+        """States for ``n_new`` readers that continue the stream of the old readers
+        (``old[r]``: reader r's state, r = dp rank * workers + worker).
+
+        Every buffer in flight (packed, partly yielded) is handed over whole to one
+        new reader (buffer i to reader i mod ``n_new``), which re-packs it from its
+        saved start exactly as its old reader did and yields only its remaining
+        rows, before its own stream. The own streams continue from the sources'
+        positions after those buffers: each source's unread remainder is dealt by
+        :func:`ext.data.sources.redistribute_source`; the mixture's counters are
+        summed and split (:func:`ext.data.mixture.redistribute_mixture`); the row
+        clock (SkyLadder) continues from the global row count.
+        """
+        states = []
+        for r, st in enumerate(old):
+            if not st:
+                st = self._fresh_state(r, len(old))
+            elif "next" not in st or st["next"] is None:
+                raise DataError("[data] this checkpoint's loader state predates resuming on another layout "
+                                "(dp ranks x workers); resume it on its own layout")
+            states.append(st)
+        adopted = [{**d, "own": False} for st in states for d in st["pending"]]
+        rows = states[0].get("rows_base", 0) + sum(st["rows_out"] for st in states)
+        lines = []
+        per_source = []
+        for i, plan in enumerate(self.plans):
+            new, line = redistribute_source(plan, [st["next"]["sources"][i] for st in states], n_new,
+                                            self.seed, self.cfg.shuffle)
+            per_source.append(new)
+            lines.append(line)
+        mixture = redistribute_mixture([st["next"]["mixture"] for st in states], n_new)
+        out = [{"pending": adopted[j::n_new], "rows_out": 0, "rows_base": rows, "reader": j, "readers": n_new,
+                "next": {"sources": [src[j] for src in per_source], "mixture": copy.deepcopy(mixture)}}
+               for j in range(n_new)]
+        summary = (f"{len(adopted)} buffer(s) in flight handed over whole (none re-packed differently, no "
+                   f"token moved); sources' remainders dealt by global order: {'; '.join(lines)}; "
+                   f"mixture counters summed and split; row clock continues at global row {rows}")
+        return out, summary
+
     # -- iteration --------------------------------------------------------
-    def _next_buffer(self) -> bool:
-        """Pack the next buffer from the current state; False if no data is left."""
+    def _take_state(self, state: dict[str, Any]) -> None:
+        if "buffer_start" in state:  # a state saved before handed-over buffers existed
+            state = {"pending": [{"start": state["buffer_start"], "row": state["row"],
+                                  "key": self._reader()[0], "own": True}],
+                     "next": None, "rows_out": state["rows_out"]}
+        self._rows_out = state["rows_out"]
+        self._rows_base = state.get("rows_base", 0)
+        self._adopted = list(state["pending"])
+        self._own_next = state["next"]
+        self._own = not self._adopted
+        if not self._adopted:
+            self._restore(state["next"])
+            self._own_next = None
+
+    def _advance(self) -> bool:
+        """Make the next buffer current: a handed-over one, else the own stream's next."""
+        while self._adopted:
+            pending = self._adopted.pop(0)
+            self._restore(pending["start"])
+            if self._next_buffer(pending["key"]):
+                self._own = pending["own"]
+                self._row = pending["row"]
+                if self._own:
+                    self._own_next = None
+                return True
+        if not self._own and self._own_next is not None:
+            self._restore(self._own_next)
+        self._own, self._own_next = True, None
+        return self._next_buffer(self._reader()[0])
+
+    def _next_buffer(self, key: int) -> bool:
+        """Pack the next buffer from the current state (rows shuffled by ``key``);
+        False if no data is left."""
         assert self._sources is not None and self._mixture is not None
         self._buffer_start = self._snapshot()
+        self._key = key
+        ids: list[tuple[int, ...]] = []
         docs: list[np.ndarray] = []
         doc_source: list[int] = []
         while len(docs) < self.cfg.buffer_docs:
@@ -178,6 +285,9 @@ class PackedMixtureDataset(IterableDataset, Stateful):
             self._mixture.record(s, len(doc))
             docs.append(doc)
             doc_source.append(s)
+            if self._trace:
+                ids.append((s, *self._sources[s].last_id))
+        self._buffer_end = self._snapshot()
         if not docs:
             self._batch = None
             return False
@@ -192,42 +302,50 @@ class PackedMixtureDataset(IterableDataset, Stateful):
         if self.encoder.marks_untrained:
             batch["input"], batch["labels"] = split_untrained(batch["input"], batch["labels"])
         stats = row_statistics(packed, sources, len(self.specs))
-        # Bad records skipped per source while reading this buffer: counted in its first row.
+        # Bad records skipped per source while reading this buffer: counted in the
+        # first row it yields (after the shuffle below), so they show at once.
         bad = [s.bad_count - st["bad"] for s, st in zip(self._sources, self._buffer_start["sources"])]
         stats = np.concatenate((stats, np.zeros((len(stats), len(bad)))), axis=1)
-        stats[0, -len(bad):] = bad
         # Best-fit emits rows roughly by document length (long documents first);
         # a seeded shuffle keeps that order out of training and out of the metrics.
-        reader, _ = self._reader()
-        key = [self.seed, reader, *np.asarray(self._buffer_start["mixture"]["consumed"], np.int64)]
-        order = np.random.default_rng(key).permutation(len(stats))
+        shuffle_key = [self.seed, key, *np.asarray(self._buffer_start["mixture"]["consumed"], np.int64)]
+        order = np.random.default_rng(shuffle_key).permutation(len(stats))
         self._batch = {k: v[order] for k, v in batch.items()}
         self._stats = stats[order]
+        self._stats[0, -len(bad):] = bad
+        if self._trace:
+            self._trace_ids = np.asarray(ids, np.int64)
+            self._trace_docs = packed.doc_index[order]
         self._row = 0
         return True
 
     def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         if self._sources is None:
             self._build()
+        if self._pending is None and self.by_worker is not None:
+            info = get_worker_info()
+            self._pending = self.by_worker.get(info.id if info else 0)
+            self.by_worker = None
         if self._pending is not None:
             pending, self._pending = self._pending, None
-            self._restore(pending["buffer_start"])
-            self._rows_out = pending["rows_out"]
-            if self._next_buffer():
-                self._row = pending["row"]
+            self._take_state(pending)
+            if not self._advance():
+                return
         elif self._batch is None:
-            self._next_buffer()
+            if not self._advance():
+                return
         while self._batch is not None:
             if self._row >= len(self._batch["input"]):
-                if not self._next_buffer():
+                if not self._advance():
                     return
                 continue
             i = self._row
             segment_ids, stats = self._batch["segment_ids"][i], self._stats[i].copy()
             if self.window_clock is not None:
                 info = get_worker_info()
+                base = self._rows_base // (self.window_clock.local_batch * self.dp_world_size)
                 window = self.window_clock.window_of_row(
-                    self._rows_out, info.id if info else 0, info.num_workers if info else 1
+                    self._rows_out, info.id if info else 0, info.num_workers if info else 1, base
                 )
                 stats[STATS_FIELDS.index("window")] = window
                 if not self.window_clock.within_documents:
@@ -247,4 +365,15 @@ class PackedMixtureDataset(IterableDataset, Stateful):
                 "segment_ids": torch.from_numpy(np.ascontiguousarray(segment_ids, np.int64)),
                 STATS_KEY: torch.from_numpy(stats),
             }
+            if self._trace:
+                sample["trace"] = torch.from_numpy(self._row_trace(i))
             yield sample, torch.from_numpy(self._batch["labels"][i])
+
+    def _row_trace(self, i: int) -> np.ndarray:
+        """Test hook: (source, epoch, global range, location, tokens) per document piece of row i."""
+        docs = self._trace_docs[i]
+        out = np.full((len(docs), 5), -1, np.int64)
+        found, counts = np.unique(docs[docs >= 0], return_counts=True)
+        out[: len(found), :4] = self._trace_ids[found]
+        out[: len(found), 4] = counts
+        return out

@@ -21,8 +21,10 @@ rank) so that
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
+import pickle
 import signal
 import weakref
 from typing import Any, Iterator
@@ -30,6 +32,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
+from torchdata.stateful_dataloader import StatefulDataLoader
 from torchtitan.components.dataloader import ParallelAwareDataloader
 from torchtitan.hf_datasets.text_datasets import build_text_dataloader
 
@@ -37,7 +40,7 @@ from ext.attention.config import masking_requested
 from ext.attention.skyladder import WindowClock, validate_skyladder
 from ext.checkpoint import STOP_SIGNALS
 from ext.data.config import parse_num_workers, resolve_sources, SourceSpec
-from ext.data.dataset import STATS_FIELDS, STATS_KEY, PackedMixtureDataset
+from ext.data.dataset import STATS_FIELDS, STATS_KEY, TRACE_ENV, PackedMixtureDataset
 from ext.data.encoders import ChatEncoderSpec, TextEncoder
 from ext.data.holdout import training_sources
 from ext.data.sources import Plan
@@ -118,8 +121,27 @@ def _shutdown_workers(loader_ref: "weakref.ref[PackedDataLoader]") -> None:
         shutdown()
 
 
+def _reader_states(state: dict[str, Any], n_workers: int) -> list[dict[str, Any]]:
+    """The dataset state of each worker (reader) in one rank's torchdata state."""
+    if n_workers == 0:
+        return [state.get("dataset_state") or {}]
+    workers = state.get("_snapshot", {}).get("_worker_snapshots", {})
+    return [(workers.get(f"worker_{w}") or {}).get("dataset_state") or {} for w in range(n_workers)]
+
+
 class PackedDataLoader(ParallelAwareDataloader):
-    """torchtitan's dataloader plus statistics, key filtering and a shared stop."""
+    """torchtitan's dataloader plus statistics, key filtering, a shared stop and a
+    checkpoint state that any layout (dp ranks x workers) can resume.
+
+    Checkpoint state: ``{"global": pickle of {"dp_world_size", "num_workers",
+    "ranks": [each dp rank's torchdata state, pickled]}, "world_size"}``. The
+    same on every rank (gathered over the host gloo group when a checkpoint is
+    taken, so DCP stores it once), so each rank of another layout can read
+    every old reader's state. On the same layout a rank restores its own
+    entry through torchdata (bit-exact); on another layout the readers' states
+    are redistributed (:meth:`PackedMixtureDataset.redistribute`) and handed to
+    the new workers through the dataset object, torchdata starting afresh.
+    """
 
     def __init__(self, dataset: PackedMixtureDataset, dp_rank: int, dp_world_size: int,
                  model_keys: tuple[str, ...], **kwargs: Any):
@@ -129,6 +151,59 @@ class PackedDataLoader(ParallelAwareDataloader):
         # Workers ignore SIGTERM (init_worker), and multiprocessing's own exit hook
         # would terminate (SIGTERM) and join them: stop them first, the normal way.
         atexit.register(_shutdown_workers, weakref.ref(self))
+
+    def local_state(self) -> bytes:
+        """This rank's torchdata state, pickled (cheap: what the prefetcher snapshots per batch)."""
+        return pickle.dumps(StatefulDataLoader.state_dict(self))
+
+    def checkpoint_state(self, local: bytes | None = None) -> dict[str, Any]:
+        """The global state from every rank's ``local`` state (default: the current
+        one). A collective over all ranks: call it where a checkpoint is saved."""
+        mine = (self.dp_rank, self.local_state() if local is None else local)
+        if self._stop_group is not None:
+            gathered: list[Any] = [None] * dist.get_world_size(self._stop_group)
+            dist.all_gather_object(gathered, mine, group=self._stop_group)
+        else:
+            gathered = [mine]
+        ranks = dict(gathered)  # ranks sharing a dp rank (TP, PP) hold the same state
+        state = {"dp_world_size": self.dp_world_size, "num_workers": self.num_workers,
+                 "ranks": [ranks[r] for r in range(self.dp_world_size)]}
+        if os.environ.get(TRACE_ENV):
+            with open(os.path.join(os.environ[TRACE_ENV], "loader_state.pkl"), "wb") as f:
+                pickle.dump(state, f)
+        return {"global": pickle.dumps(state), "world_size": self.dp_world_size}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.checkpoint_state()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if "global" not in state_dict:  # saved by torchtitan's loader: its own layout only
+            super().load_state_dict(state_dict)
+            return
+        self.load_global_state(pickle.loads(state_dict["global"]))
+
+    def load_global_state(self, state: dict[str, Any]) -> None:
+        d1, w1 = state["dp_world_size"], state["num_workers"]
+        if (d1, w1) == (self.dp_world_size, self.num_workers):
+            StatefulDataLoader.load_state_dict(self, pickle.loads(state["ranks"][self.dp_rank]))
+            return
+        old = [st for rank in state["ranks"] for st in _reader_states(pickle.loads(rank), w1)]
+        w2 = max(self.num_workers, 1)
+        new, summary = self.dataset.redistribute(old, self.dp_world_size * w2)
+        self.dataset.by_worker = {w: new[self.dp_rank * w2 + w] for w in range(w2)}
+        if self.dp_rank == 0:
+            logger.warning(
+                f"[data] resuming on another layout: {d1} dp rank(s) x {w1} worker(s) ({len(old)} readers) "
+                f"-> {self.dp_world_size} x {self.num_workers} ({len(new)} readers); {summary}"
+            )
+
+    def _write_trace(self, trace: torch.Tensor) -> None:
+        """Test hook (EXT_DATA_TRACE): one line per batch, the document pieces of each row."""
+        rows = [[p for p in row.tolist() if p[0] >= 0] for row in trace]
+        with open(os.path.join(os.environ[TRACE_ENV], f"rank{self.dp_rank}.jsonl"), "a") as f:
+            f.write(json.dumps(rows) + "\n")
 
     def _everyone_has_a_batch(self, have: bool) -> bool:
         return bool(reduce_host_int(int(have), dist.ReduceOp.MIN, self._stop_group))
@@ -146,6 +221,9 @@ class PackedDataLoader(ParallelAwareDataloader):
                 return
             sample, labels = batch
             LOADER_STATS.add(sample.pop(STATS_KEY))
+            trace = sample.pop("trace", None)
+            if trace is not None:
+                self._write_trace(trace)
             yield {k: v for k, v in sample.items() if k in self.model_keys}, labels
 
 

@@ -40,3 +40,13 @@ class Mixture:
     def restore(self, state: dict[str, list]) -> None:
         self.consumed = np.asarray(state["consumed"], dtype=np.float64)
         self.active = np.asarray(state["active"], dtype=bool)
+
+
+def redistribute_mixture(states: list[dict[str, list]], n_new: int) -> dict[str, list]:
+    """One new reader's mixture state after a layout change: the old readers'
+    consumed counters summed and split evenly (so each new reader starts at the
+    global realized shares and keeps correcting towards the targets); a source
+    is active where any old reader still had it."""
+    consumed = np.sum([np.asarray(s["consumed"], np.float64) for s in states], axis=0) / n_new
+    active = np.any([np.asarray(s["active"], bool) for s in states], axis=0)
+    return {"consumed": consumed.tolist(), "active": active.tolist()}

@@ -796,6 +796,85 @@ def _source_key(name: str) -> int:
     return zlib.crc32(name.encode("utf-8"))
 
 
+def epoch_order(n: int, seed: int, key: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """The global order of a source's ``n`` ranges in ``epoch`` (independent of readers)."""
+    if shuffle:
+        return np.random.default_rng([seed, key, epoch]).permutation(n)
+    return np.arange(n, dtype=np.int64)
+
+
+def fresh_source_state(reader: int, n_readers: int) -> dict[str, Any]:
+    return {"epoch": 0, "range": 0, "pos": 0, "bad": 0, "reader": reader, "readers": n_readers}
+
+
+def _reader_items(plan: Plan, seed: int, shuffle: bool, state: dict[str, Any], epoch: int,
+                  cache: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(global ranges, first untrained record of each) of an old reader's part of ``epoch``."""
+    custom = (state.get("custom") or {}).get(str(epoch))
+    if custom is not None:
+        return np.asarray(custom[0], np.int64), np.asarray(custom[1], np.int64)
+    if epoch not in cache:
+        cache[epoch] = epoch_order(len(plan), seed, _source_key(plan.spec.name), epoch, shuffle)
+    ranges = cache[epoch][state["reader"] :: state["readers"]]
+    return ranges, np.zeros(len(ranges), np.int64)
+
+
+def redistribute_source(plan: Plan, states: list[dict[str, Any]], n_new: int, seed: int,
+                        shuffle: bool) -> tuple[list[dict[str, Any]], str]:
+    """New positions for ``n_new`` readers continuing the old readers' ``states``.
+
+    For every epoch from the least to the most advanced old reader, the
+    remainder is what no old reader has consumed: the rest of a range a
+    reader was inside (from its next record), the ranges after it in that
+    reader's part, and every part of a reader that had not reached that epoch
+    yet. The remainder is put in the epoch's global order and dealt
+    round-robin (item i to new reader i mod ``n_new``); the epochs after
+    follow the ordinary order (``order[j::n_new]``). Each record of each
+    epoch is thus read once across the change. Returns the states and a
+    one-line summary. Hub splits read striped (fewer data files than
+    readers) cannot be dealt by range: every new reader restarts the least
+    advanced old reader's current range (records may repeat; said in the log).
+    """
+    key = _source_key(plan.spec.name)
+    striped = plan.unit == "shards" and (len(plan) < n_new or any(len(plan) < s["readers"] for s in states))
+    e_min = min(s["epoch"] for s in states)
+    e_max = max(s["epoch"] for s in states)
+    if striped:
+        k = min(s["range"] for s in states if s["epoch"] == e_min)
+        return ([{**fresh_source_state(j, n_new), "epoch": e_min, "range": k} for j in range(n_new)],
+                f"{plan.spec.name!r}: a striped Hub split, restarted at file {k} of epoch {e_min + 1} "
+                "(records of that file may repeat)")
+    cache: dict[int, np.ndarray] = {}
+    custom: list[dict[str, list]] = [{} for _ in range(n_new)]
+    summary = []
+    for epoch in range(e_min, e_max + 1):
+        ranges, firsts = [], []
+        for s in states:
+            if s["epoch"] > epoch:
+                continue
+            r, f = _reader_items(plan, seed, shuffle, s, epoch, cache)
+            if s["epoch"] == epoch:
+                k = s["range"]
+                r, f = r[k:], f[k:].copy()
+                if len(f):
+                    f[0] = max(f[0], s["pos"])
+            ranges.append(r)
+            firsts.append(f)
+        r = np.concatenate(ranges) if ranges else np.zeros(0, np.int64)
+        f = np.concatenate(firsts) if firsts else np.zeros(0, np.int64)
+        if epoch not in cache:
+            cache[epoch] = epoch_order(len(plan), seed, key, epoch, shuffle)
+        rank = np.empty(len(plan), np.int64)
+        rank[cache[epoch]] = np.arange(len(plan))
+        by_order = np.argsort(rank[r], kind="stable")
+        r, f = r[by_order], f[by_order]
+        for j in range(n_new):
+            custom[j][str(epoch)] = [r[j::n_new].tolist(), f[j::n_new].tolist()]
+        summary.append(f"epoch {epoch + 1}: {len(r)} range(s) left ({int((f > 0).sum())} begun)")
+    out = [{**fresh_source_state(j, n_new), "epoch": e_min, "custom": custom[j]} for j in range(n_new)]
+    return out, f"{plan.spec.name!r}: " + ", ".join(summary)
+
+
 class Source:
     """One source as seen by one reader: yields documents in a fixed order.
 
@@ -835,38 +914,68 @@ class Source:
             self.shards = [copy.copy(s) for s in plan.shards]
             for shard in self.shards:
                 shard.keep = (n_readers, reader)
+        # After a layout change: epoch -> (global ranges, records of each already trained)
+        # for the epochs whose remainder was dealt anew (see redistribute_source).
+        self.custom: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._custom_state: dict[str, Any] = {}
         self.epoch = 0
         self.k = 0  # index of the current range among this reader's ranges of the epoch
         self.pos = 0  # records of that range consumed
         self.bad_count = 0
         self.refused: dict[str, int] = {}
         self._mine = self._my_ranges(0)
-        self._queue: deque[tuple[int, int, np.ndarray | None]] = deque()
+        self._queue: deque[tuple[int, int, np.ndarray | None, int]] = deque()
         self._fill_k, self._fill_pos = 0, 0
         self._chunks: Iterator[Chunk] | None = None
         self._chunk: Chunk | None = None
         self._chunk_base = 0  # position of the current chunk's first record in its range
         self._chunk_at = 0  # next record of the current chunk to encode
         self._produced = False  # a document came out in this epoch (unknown after restore: True)
+        self.last_id: tuple[int, int, int] = (0, -1, 0)  # (epoch, global range, location) of the last document
 
     def __len__(self) -> int:
         """Ranges this reader reads in the current epoch."""
         return len(self._mine)
 
     def _my_ranges(self, epoch: int) -> np.ndarray:
-        n = len(self.plan)
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, self.key, epoch]).permutation(n)
-        else:
-            order = np.arange(n, dtype=np.int64)
+        if epoch in self.custom:  # this epoch's part was dealt after a layout change
+            return self.custom[epoch][0]
+        order = epoch_order(len(self.plan), self.seed, self.key, epoch, self.shuffle)
         return order if self.striped else order[self.reader :: self.n_readers]
 
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "range": self.k, "pos": self.pos, "bad": self.bad_count}
+    def _first_record(self, k: int) -> int:
+        """Records of the reader's k-th range already trained before a layout change."""
+        custom = self.custom.get(self.epoch)
+        return int(custom[1][k]) if custom is not None and k < len(custom[1]) else 0
 
-    def restore(self, state: dict[str, int]) -> None:
-        if state["epoch"] != self.epoch:
-            self._mine = self._my_ranges(state["epoch"])
+    def _set_reader(self, reader: int, n_readers: int) -> None:
+        if (reader, n_readers) == (self.reader, self.n_readers):
+            return
+        self.reader, self.n_readers = reader, n_readers
+        self.striped = self.plan.unit == "shards" and len(self.plan) < n_readers
+        self.shards = list(self.plan.shards)
+        if self.striped:
+            self.shards = [copy.copy(s) for s in self.plan.shards]
+            for shard in self.shards:
+                shard.keep = (n_readers, reader)
+
+    def state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"epoch": self.epoch, "range": self.k, "pos": self.pos, "bad": self.bad_count,
+                                 "reader": self.reader, "readers": self.n_readers}
+        if self.custom:
+            state["custom"] = self._custom_state
+        return state
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take position ``state`` (self-contained: it names its reader layout, so a
+        reader can also restore another reader's position, e.g. to finish its buffer)."""
+        self._set_reader(state.get("reader", self.reader), state.get("readers", self.n_readers))
+        custom = state.get("custom") or {}
+        if custom is not self._custom_state:
+            self._custom_state = custom
+            self.custom = {int(e): (np.asarray(r, np.int64), np.asarray(p, np.int64))
+                           for e, (r, p) in custom.items()}
+        self._mine = self._my_ranges(state["epoch"])
         self.epoch, self.k, self.pos, self.bad_count = state["epoch"], state["range"], state["pos"], state["bad"]
         self._queue.clear()
         self._seek(self.k, self.pos)
@@ -882,6 +991,7 @@ class Source:
         while self._fill_k < len(self._mine):
             g = int(self._mine[self._fill_k])
             if self._chunks is None:
+                self._fill_pos = max(self._fill_pos, self._first_record(self._fill_k))
                 shard = self.shards[self.plan.file[g]]
                 self._chunks = shard.chunks(int(self.plan.start[g]), int(self.plan.stop[g]))
                 self._chunk_base, self._chunk_no = 0, 0
@@ -918,7 +1028,7 @@ class Source:
         shard = self.shards[self.plan.file[int(self._mine[self._fill_k])]]
         docs = self._encode(shard, chunk, a, b)
         for i, doc in zip(range(a, b), docs):
-            self._queue.append((self._fill_k, self._chunk_base + i + 1, doc))
+            self._queue.append((self._fill_k, self._chunk_base + i + 1, doc, chunk.locs[i]))
         self._chunk_at = b
         self._fill_pos = self._chunk_base + b
         return True
@@ -986,6 +1096,9 @@ class Source:
 
     def _new_epoch(self) -> None:
         self.epoch += 1
+        if self.custom and min(self.custom) < self.epoch:
+            self.custom = {e: c for e, c in self.custom.items() if e >= self.epoch}
+            self._custom_state = {str(e): c for e, c in self._custom_state.items() if int(e) >= self.epoch}
         self.k = self.pos = 0
         self._mine = self._my_ranges(self.epoch)
         self._queue.clear()
@@ -1013,8 +1126,9 @@ class Source:
                 continue
             if not self._queue:
                 continue
-            k, pos, doc = self._queue.popleft()
+            k, pos, doc, loc = self._queue.popleft()
             self.k, self.pos = k, pos
             if doc is not None and len(doc):
                 self._produced = True
+                self.last_id = (self.epoch, int(self._mine[k]), loc)
                 return doc
