@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -33,6 +34,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader  # noqa: E402
 from ext.data.config import Data, resolve_sources  # noqa: E402
 from ext.data.dataset import STATS_KEY, PackedMixtureDataset  # noqa: E402
 from ext.data.encoders import TextEncoder  # noqa: E402
+from ext.data.tokenized import tokenize_source  # noqa: E402
 
 CORPUS = REPO / "ext" / "assets" / "data" / "web.jsonl"
 TOKENIZER = REPO / "ext" / "assets" / "tokenizer" / "tokenizer.json"
@@ -56,7 +58,12 @@ def main() -> None:
         texts = [json.loads(line)["text"] for line in lines]
         cfg = Data(datasets=[str(data)], on_exhaustion=["drop"], buffer_docs=args.buffer_docs)
         specs = resolve_sources(cfg)
+        # the same corpus as a token folder (python -m ext.cli tokenize), read by the same loader
+        tokenize_source(str(data), str(Path(tmp) / "tokens"), tok, tokenizer_name="shipped", bos_id=0, eos_id=1)
+        token_cfg = Data(datasets=[str(Path(tmp) / "tokens")], on_exhaustion=["drop"], buffer_docs=args.buffer_docs)
+        token_specs = resolve_sources(token_cfg)
         tokenizer_s = loader_s = float("inf")
+        token_loader_s: list[float] = []
         for _ in range(args.repeats):  # best of N, interleaved: this machine is shared and noisy
             start = time.perf_counter()
             n_tok = 0
@@ -74,12 +81,24 @@ def main() -> None:
                 rows += len(stats)
             loader_s = min(loader_s, time.perf_counter() - start)
 
+            ds = PackedMixtureDataset(token_specs, token_cfg, TextEncoder(tok, 0, 1), 2, args.seq_len, 0, 1, seed=0)
+            start = time.perf_counter()
+            token_real = 0.0
+            for sample, _labels in StatefulDataLoader(ds, batch_size=args.batch, num_workers=0):
+                stats = sample[STATS_KEY]
+                token_real += float((stats[:, 0] - stats[:, 1]).sum())
+            token_loader_s.append(time.perf_counter() - start)
+            assert token_real == real_tokens, (token_real, real_tokens)  # the same documents
+
     # like for like: the loader also adds BOS and EOS to every document
     text_tokens = real_tokens - 2 * len(texts)
     result = {
         "loader_tokens_per_s": text_tokens / loader_s,
         "tokenizer_only_tokens_per_s": n_tok / tokenizer_s,
         "ratio": (text_tokens / loader_s) / (n_tok / tokenizer_s),
+        # rows from a token folder: tokens of the packed rows (BOS/EOS included) per second
+        "pretokenized_tokens_per_s": real_tokens / statistics.median(token_loader_s),
+        "pretokenized_round_seconds": [round(x, 3) for x in token_loader_s],
         "documents": len(texts),
         "tokens": n_tok,
         "rows": rows,
@@ -90,6 +109,8 @@ def main() -> None:
     print(f"tokenizer only: {result['tokenizer_only_tokens_per_s']:,.0f} tokens/s")
     print(f"loader:         {result['loader_tokens_per_s']:,.0f} tokens/s "
           f"(ratio {result['ratio']:.2f}, target >= 0.7)")
+    print(f"token folder:   {result['pretokenized_tokens_per_s']:,.0f} tokens/s of rows "
+          "(median; goal >= 20M per rank)")
     print(json.dumps(result))
 
 
