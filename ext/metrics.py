@@ -39,9 +39,11 @@ from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims
 from torchtitan.tools.logging import logger
+from torchtitan.tools.utils import NoColor
 
 from ext.data.loader import LOADER_STATS
 from ext.flops import FlopsMeter, UnsupportedModel, build_meter, install_peak_lookup, peak_from_config
+from ext.logs import use_color
 
 
 def _is_rank0() -> bool:
@@ -58,6 +60,8 @@ class SummaryMetricsProcessor(MetricsProcessor):
         peak = peak_from_config(job_config)
         install_peak_lookup(peak)  # before torchtitan's __init__ asks for it
         super().__init__(job_config, parallel_dims, tag)
+        if not use_color():  # colour codes only on a terminal (ext.logs)
+            self.color = NoColor()
         self._flops = _flops_meter(job_config, parallel_dims, model_args, peak)
         self.history: list[dict[str, float]] = []
         self.eval_history: list[dict[str, float]] = []  # ext.eval results, one entry per evaluation
@@ -67,7 +71,7 @@ class SummaryMetricsProcessor(MetricsProcessor):
         self._closed = False
         self._last_step = 0  # the trainer asks should_log() once per step
         self._step_lr: float | None = None  # LR of the step just taken (optimizer hook)
-        self._lr_every_step = bool(getattr(job_config.lr_scheduler, "log_every_step", True))
+        self._lr_every_step = bool(getattr(job_config.lr_scheduler, "log_every_step", False))
         self._skyladder = bool(getattr(getattr(job_config, "skyladder", None), "enable", False))
 
     # LR at every step: torchtitan passes "lr" to log() only at log_freq steps.

@@ -123,10 +123,11 @@ class LRScheduler:
     which gives the classic sqrt(warmup_steps / step).
     """
 
-    log_every_step: bool = True
+    log_every_step: bool = False
     """
-    Print a compact `step: N  lr: X` console line at every step. false: only
-    at metrics.log_freq steps. TensorBoard gets the LR at every step either way.
+    true: print a compact `step: N  lr: X` console line at every step. false
+    (default): only at metrics.log_freq steps. TensorBoard gets the LR at
+    every step either way.
     """
 
 
@@ -352,9 +353,11 @@ def resolve_schedule(cfg: Any, training_steps: int, peak_lr: float) -> Schedule:
     if name == "torchtitan":
         fn = _torchtitan_lambda(cfg, m, training_steps)
         ratio = "" if cfg.decay_ratio is None else f", decay_ratio {cfg.decay_ratio}"
+        warmup = min(cfg.warmup_steps, training_steps)  # torchtitan clamps it to the steps
+        asked = f" (warmup_steps {cfg.warmup_steps} > {training_steps} steps)" if warmup < cfg.warmup_steps else ""
         return Schedule(
             name, peak_lr, total, min(cfg.warmup_steps, total), m,
-            f"torchtitan: warmup {cfg.warmup_steps}{ratio}, {cfg.decay_type} decay to {lo}",
+            f"torchtitan: warmup {warmup}{asked}{ratio}, {cfg.decay_type} decay to {lo}",
             factor=lambda step: fn(step - 1), lr_lambda=fn,
         )
 

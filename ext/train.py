@@ -25,6 +25,7 @@ from torchtitan.train import main
 from ext.checkpoint import Preempted
 from ext.errors import ConfigError, DataError, one_line
 from ext.launch import STOP_REPORT_ENV
+from ext.logs import quiet_known_noise
 from ext.trainer import Trainer  # torchtitan's, plus the [input_pipeline] prefetch
 
 CONFIG_MODULE = "ext.job_config"
@@ -121,6 +122,7 @@ def run(trainer_class: type = Trainer) -> None:
     SIGTERM/SIGUSR1 (``[preemption]``, after its checkpoint) with 128 + the
     signal number."""
     torchtitan_train.ConfigManager = _ArgvConfigManager  # torchtitan's main() builds one
+    quiet_known_noise()
     try:
         main(trainer_class)
     except Preempted as exc:  # saved and committed (checkpointing on); torchtitan closed the trainer

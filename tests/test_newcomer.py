@@ -212,3 +212,34 @@ def test_more_processes_than_cores_and_the_grown_global_batch_are_said(capsys, m
     out = captured.out + captured.err
     assert f"warning: {n} processes on {cores} CPU core(s)" in out, out
     assert f"global batch {8 * n} rows = local_batch_size 8 x {n} data-parallel ranks" in out, out
+
+
+def test_a_redirected_log_has_no_colour_codes(short_run):
+    proc, _ = short_run
+    assert "\x1b[" not in proc.output
+
+
+def test_the_lr_is_printed_at_log_steps_only(short_run):
+    proc, _ = short_run
+    assert not re.search(r"step:\s+2\s", proc.output), proc.output[-3000:]  # log_freq 10: steps 1 and 3
+    assert re.search(r"step:\s+3\s.*lr:", proc.output) or re.search(r"step:\s+3\s", proc.output)
+
+
+def test_known_harmless_cpu_warnings_are_not_repeated(short_run):
+    proc, _ = short_run
+    for noise in ("set_vital", "CPU Autocast", "In CPU autocast", "model.safetensors.index.json",
+                  "TORCH_NCCL_ASYNC_ERROR_HANDLING"):
+        assert noise not in proc.output, noise
+
+
+def test_one_mfu_figure_when_the_peak_is_unknown(short_run):
+    proc, _ = short_run
+    assert "mfu: nan" not in proc.output and "MFU: nan" not in proc.output
+    assert "mfu_palm n/a" in proc.output
+
+
+def test_one_truth_about_warmup_longer_than_the_run(short_run):
+    proc, _ = short_run  # warmup_steps 20, 3 steps: torchtitan warms up over the 3
+    assert "warmup 20" not in proc.output, [line for line in proc.output.splitlines() if "armup" in line]
+    assert "Adjusting warmup steps" not in proc.output
+    assert "LR schedule torchtitan: warmup 3 " in proc.output

@@ -400,14 +400,14 @@ def test_lr_is_logged_every_step_and_continues_across_checkpoint_resume(tmp_path
 
     whole = tmp_path / "whole"
     proc = run_train([*common, "--job.dump_folder", str(whole), "--metrics.log_freq", "3",
-                      "--metrics.enable_tensorboard"])
+                      "--metrics.enable_tensorboard", "--lr_scheduler.log_every_step"])
     console = _console_lrs(proc.output)
     board = _tensorboard_lrs(whole)
     assert sorted(console) == sorted(board) == list(range(1, 9))  # every step, not only log steps
     for step in range(1, 9):
         assert math.isclose(board[step], want[step - 1], rel_tol=1e-6), (step, board, want)
         assert math.isclose(console[step], want[step - 1], rel_tol=1e-4), (step, console, want)
-    assert [h["step"] for h in read_summary(whole)["history"]] == [1, 3, 6]
+    assert [h["step"] for h in read_summary(whole)["history"]] == [1, 3, 6, 8]  # and the last step
 
     # resume from the step-4 checkpoint of the same run and train steps 5..8 again,
     # this time with the LR on the console at log steps only
