@@ -65,6 +65,7 @@ def _layout_run(specs, tmp_path, monkeypatch, name, world, workers, batches=None
     loaders = [_loader(specs, r, world, workers) for r in range(world)]
     for loader in loaders:
         if state is not None:
+            loader.local_state()  # as the checkpoint load's template does: may start workers
             loader.load_global_state(state)
     for r, loader in enumerate(loaders):
         for i, _ in enumerate(loader, 1):
@@ -160,3 +161,91 @@ def test_restart_sources_keep_each_epoch_whole_across_readers_at_different_epoch
     epochs = [{(s, g, r): n for (s, e, g, r), n in union.items() if e == epoch} for epoch in (0, 1)]
     # every record of epochs 1 and 2 trained once, with its full length (the same in both)
     assert len(epochs[0]) == 650 and epochs[0] == epochs[1]
+
+
+# -- real runs: torchrun, gloo, the trainer's checkpoints ---------------------------------
+
+STEP, STEPS, GLOBAL_BATCH = 3, 6, 4
+
+
+def _run_args(tmp_path: Path, dump: Path, ranks: int, workers: int) -> list[str]:
+    """The shipped multi-source debug config on two small sources read once ("drop")."""
+    import re
+
+    from .test_checkpoint import MULTISOURCE
+
+    a = write_jsonl(tmp_path / "a.jsonl", [f"alpha{i} " + "one two " * (i % 23) for i in range(160)])
+    b = write_jsonl(tmp_path / "b.jsonl", [f"bravo{i} " + "three " * (i % 41) for i in range(100)])
+    toml = MULTISOURCE.read_text()
+    toml = re.sub(r"datasets = \[[^\]]*\]", f'datasets = ["{a}", "{b}"]', toml)
+    for key, value in (("names", '["a", "b"]'), ("sampling_probs", "[0.6, 0.4]"), ("on_exhaustion", '["drop"]')):
+        toml = re.sub(rf"\n{key} = [^\n]*", f"\n{key} = {value}", toml)
+    config = tmp_path / "elastic.toml"
+    config.write_text(toml)
+    return ["--job.config_file", str(config), "--job.dump_folder", str(dump),
+            "--data.buffer_docs", "32", "--data.num_workers", str(workers),
+            "--training.seq_len", "64", "--training.global_batch_size", str(GLOBAL_BATCH),
+            "--training.local_batch_size", "2", "--skyladder.horizon_steps", "5", "--metrics.log_freq", "1",
+            "--checkpoint.enable", "--checkpoint.interval", str(STEP), "--checkpoint.no-last-save-model-only"]
+
+
+def _in_process_rest(args: list[str], folder: Path, state: dict | None, monkeypatch) -> Counter:
+    """Every document a 1-rank, 0-worker loader yields from ``state`` to exhaustion."""
+    from torchtitan.components.tokenizer import HuggingFaceTokenizer
+    from torchtitan.config import ConfigManager
+
+    from ext.data.loader import build_packed_dataloader
+
+    from .conftest import TOKENIZER
+
+    folder.mkdir()
+    monkeypatch.setenv(TRACE_ENV, str(folder))
+    cfg = ConfigManager().parse_args([*args, "--data.num_workers", "0"])
+    loader = build_packed_dataloader(dp_world_size=1, dp_rank=0, tokenizer=HuggingFaceTokenizer(str(TOKENIZER)),
+                                     job_config=cfg)
+    if state is not None:
+        loader.load_global_state(state)
+    for _ in loader:
+        pass
+    return _tokens(_read_trace(folder, 0))
+
+
+def _trained(folder: Path, ranks: int, batches_per_rank: int) -> Counter:
+    """Tokens per document of the batches the steps trained (the trace also holds the batch read ahead)."""
+    return _tokens(b for r in range(ranks) for b in _read_trace(folder, r)[:batches_per_rank])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("old,new", [((2, 2), (1, 1)), ((1, 2), (2, 1)), ((2, 1), (2, 3))],
+                         ids=lambda x: f"{x[0]}x{x[1]}")
+def test_a_real_run_resumed_on_another_layout_trains_every_document_once(tmp_path, monkeypatch, old, new):
+    from ext.attention.skyladder import skyladder_window
+
+    from .conftest import read_summary, run_train
+
+    dump = tmp_path / "run"
+    (before, after) = (tmp_path / "before", tmp_path / "after")
+    before.mkdir()
+    after.mkdir()
+    run_train([*_run_args(tmp_path, dump, *old), "--training.steps", str(STEP)], nproc=old[0],
+              env={TRACE_ENV: str(before)})
+    resumed = run_train([*_run_args(tmp_path, dump, *new), "--training.steps", str(STEPS)], nproc=new[0],
+                        env={TRACE_ENV: str(after)})
+    assert resumed.output.count("resuming on another layout") == 1, resumed.output[-3000:]
+    per_step = lambda ranks: GLOBAL_BATCH // (2 * ranks)  # noqa: E731 (local batch 2)
+    trained = (_trained(before, old[0], STEP * per_step(old[0]))
+               + _trained(after, new[0], (STEPS - STEP) * per_step(new[0])))
+    with open(after / "loader_state.pkl", "rb") as f:  # what the save of step STEPS holds
+        final = pickle.load(f)
+    args = _run_args(tmp_path, dump, *new)
+    rest = _in_process_rest(args, tmp_path / "rest", final, monkeypatch)
+    whole = _in_process_rest(args, tmp_path / "whole", None, monkeypatch)
+    _check_exact(whole, trained, rest)
+    # the SkyLadder window follows the global optimizer step across the change
+    history = read_summary(dump)["history"]
+    assert [e["step"] for e in history] == list(range(STEP + 1, STEPS + 1))
+    from ext.attention.config import SkyLadder
+
+    sky = SkyLadder(enable=True, schedule="sin", init_window=32, horizon_steps=5, rounding=16)
+    for entry in history:
+        assert entry["data/attention_window"] == skyladder_window(sky, entry["step"] - 1, 64, STEPS), entry

@@ -193,6 +193,10 @@ class PackedDataLoader(ParallelAwareDataloader):
         w2 = max(self.num_workers, 1)
         new, summary = self.dataset.redistribute(old, self.dp_world_size * w2)
         self.dataset.by_worker = {w: new[self.dp_rank * w2 + w] for w in range(w2)}
+        # torchdata's state_dict() (the checkpoint load's template) may have started
+        # workers already, with the dataset as it was: stop them; iter() starts anew.
+        _shutdown_workers(weakref.ref(self))
+        StatefulDataLoader.load_state_dict(self, {})
         if self.dp_rank == 0:
             logger.warning(
                 f"[data] resuming on another layout: {d1} dp rank(s) x {w1} worker(s) ({len(old)} readers) "
