@@ -15,6 +15,8 @@ Commands:
   safetensors, index, config, generation config, tokenizer); see
   :mod:`ext.export`.
 
+* ``reshard``: rewrite a data source into N parquet shards; see :mod:`ext.data.reshard`.
+
 * ``tokenize``: write a source as pre-tokenized token shards (datatrove's
   ``.ds`` layout) that training reads memory-mapped; see :mod:`ext.data.tokenized`.
 
@@ -174,9 +176,18 @@ def _lr_schedule_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", type=int, default=20, help="about how many steps to print (default 20)")
 
 
+def _needs_config(command: str, config_argv: list[str]) -> None:
+    from ext.config_keys import config_file_of
+
+    if not config_file_of(config_argv):
+        raise ConfigError(f"{command} needs --job.config_file X.toml (without one it would show torchtitan's "
+                          "defaults, not a config of yours)")
+
+
 def _lr_schedule(args: argparse.Namespace, config_argv: list[str]) -> int:
     from ext.scheduler import resolve_schedule
 
+    _needs_config("lr-schedule", config_argv)
     cfg = load_job_config(config_argv)
     steps = cfg.training.steps
     schedule = resolve_schedule(cfg.lr_scheduler, steps, cfg.optimizer.lr)
@@ -221,6 +232,7 @@ def _flops(args: argparse.Namespace, config_argv: list[str]) -> int:
 
     from ext.flops import flops_report
 
+    _needs_config("flops", config_argv)
     r = flops_report(load_job_config(config_argv), args.packed, docs=args.docs, rows=args.rows)
     if r["packed_note"]:
         print(f"note: {r['packed_note']}", file=sys.stderr)
@@ -327,6 +339,29 @@ register(Command(
     add_arguments=_check_arguments,
     run=_check,
     config_args=True,
+))
+
+
+# ---------------------------------------------------------------------- reshard
+
+
+def _reshard_arguments(parser: argparse.ArgumentParser) -> None:
+    from ext.data.reshard import add_arguments
+
+    add_arguments(parser)
+
+
+def _reshard(args: argparse.Namespace, config_argv: list[str]) -> int:
+    from ext.data.reshard import run
+
+    return run(args)
+
+
+register(Command(
+    name="reshard",
+    help="rewrite a data source (file, folder or Hub id) into N parquet shards; see ext.data.reshard",
+    add_arguments=_reshard_arguments,
+    run=_reshard,
 ))
 
 

@@ -64,6 +64,7 @@ class SummaryMetricsProcessor(MetricsProcessor):
             self.color = NoColor()
         self._flops = _flops_meter(job_config, parallel_dims, model_args, peak)
         self.history: list[dict[str, float]] = []
+        self._mix_tokens: dict[str, float] = {}  # tokens per source since the start (data: line)
         self.eval_history: list[dict[str, float]] = []  # ext.eval results, one entry per evaluation
         self._timed_tokens = 0
         self._timed_since: float | None = None
@@ -139,9 +140,16 @@ class SummaryMetricsProcessor(MetricsProcessor):
         extra_metrics = {**(extra_metrics or {}), **data_metrics, **flops_metrics}
         super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics)
         if data_metrics:
+            # the window's share beside the run's: a window of few documents swings far from the targets
+            totals = LOADER_STATS.window_totals or {}
+            real = totals.get("row_tokens", 0.0) - totals.get("pad_tokens", 0.0)
+            shares = {k.removeprefix("data/mix/"): v for k, v in data_metrics.items() if k.startswith("data/mix/")}
+            for name, share in shares.items():
+                self._mix_tokens[name] = self._mix_tokens.get(name, 0.0) + share * real
+            run_total = sum(self._mix_tokens.values()) or 1.0
             mix = " ".join(
-                f"{k.removeprefix('data/mix/')} {100 * v:.1f}%"
-                for k, v in data_metrics.items() if k.startswith("data/mix/")
+                f"{name} {100 * share:.1f}% (run {100 * self._mix_tokens[name] / run_total:.1f}%)"
+                for name, share in shares.items()
             )
             window = data_metrics["data/attention_window"]
             skipped = "  ".join(

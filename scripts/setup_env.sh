@@ -39,8 +39,9 @@ ext_setup_env() {
         echo "setup: need Python >= 3.11; set PYTHON=/path/to/python3.11 (got: $("$py" --version 2>&1))" >&2
         return 1
     fi
-    echo "setup: preparing $venv ($accel host); this happens once" >&2
+    echo "setup: preparing $venv ($accel host); this happens once and takes a few minutes" >&2
     if [[ ! -x "$EXT_PYTHON" ]]; then
+        echo "setup: [1/3] creating the virtual environment" >&2
         "$py" -m venv "$venv" || return 1
     fi
     local pip=("$EXT_PYTHON" -m pip install --quiet --disable-pip-version-check)
@@ -53,7 +54,9 @@ ext_setup_env() {
     if [[ "$accel" == "cuda" ]] && "$EXT_PYTHON" -c 'import torch,sys; sys.exit("+cpu" not in torch.__version__)' 2>/dev/null; then
         "$EXT_PYTHON" -m pip uninstall --quiet --yes torch || return 1
     fi
+    echo "setup: [2/3] installing $torch_spec ($accel build; the largest download)" >&2
     "${pip[@]}" "${index_args[@]}" "$torch_spec" || return 1
+    echo "setup: [3/3] installing torchtitan and the other dependencies pinned in requirements.lock" >&2
     "${pip[@]}" "${index_args[@]}" -c "$root/requirements.lock" -e "$root[dev]" || return 1
     echo "$want" >"$venv/.ext-setup-stamp"
     echo "setup: done ($("$EXT_PYTHON" -c 'import torch, torchtitan; print("torch", torch.__version__, "torchtitan", torchtitan.__version__)'))" >&2

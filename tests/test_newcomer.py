@@ -124,10 +124,12 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
-    """The debug config for 3 steps (log_freq 10, warmup 20), output captured (not a terminal)."""
+    """The debug config for 3 steps (log_freq 10, warmup 20) on two sources, output captured (not a terminal)."""
     out = tmp_path_factory.mktemp("short") / "out"
+    data = DEBUG_CONFIG.parent.parent / "ext" / "assets" / "data"
     proc = run_command(["./run_train.sh", "--job.config_file", str(DEBUG_CONFIG), "--training.steps", "3",
-                        "--job.dump_folder", str(out)])
+                        "--job.dump_folder", str(out), "--data.datasets", f"{data / 'web.jsonl'},{data / 'code.jsonl'}",
+                        "--data.sampling_probs", "0.6", "0.4"])
     assert proc.returncode == 0, proc.output[-4000:]
     return proc, out
 
@@ -243,3 +245,85 @@ def test_one_truth_about_warmup_longer_than_the_run(short_run):
     assert "warmup 20" not in proc.output, [line for line in proc.output.splitlines() if "armup" in line]
     assert "Adjusting warmup steps" not in proc.output
     assert "LR schedule torchtitan: warmup 3 " in proc.output
+
+
+# -- 8. small ones --------------------------------------------------------------------------
+
+def test_the_mixture_line_shows_the_runs_share_beside_the_windows(short_run):
+    proc, out = short_run
+    lines = [line for line in proc.output.splitlines() if "- data: " in line]
+    assert len(lines) == 2, proc.output[-3000:]  # steps 1 and 3
+    first = re.findall(r"(web|code) ([\d.]+)% \(run ([\d.]+)%\)", lines[0])
+    assert {name for name, _, _ in first} == {"web", "code"}, lines[0]
+    assert all(window == run for _, window, run in first)  # at step 1 the window is the run
+    last = {name: float(run) for name, run in re.findall(r"(web|code) [\d.]+% \(run ([\d.]+)%\)", lines[1])}
+    assert abs(sum(last.values()) - 100) < 0.2
+
+
+@pytest.mark.parametrize("command", ["lr-schedule", "flops"])
+def test_tools_that_read_a_config_refuse_to_run_without_one(capsys, command):
+    assert cli([command]) == 2
+    err = capsys.readouterr().err
+    assert f"{command} needs --job.config_file" in err, err
+
+
+def test_lr_schedule_without_matplotlib_says_how_to_get_the_plot(tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is not None:
+        pytest.skip("matplotlib is installed here")
+    assert cli(["lr-schedule", "--job.config_file", str(DEBUG_CONFIG), "--plot", str(tmp_path / "lr.png")]) == 0
+    captured = capsys.readouterr()
+    assert "no plot: matplotlib is not installed (pip install matplotlib" in captured.out, captured
+    assert not (tmp_path / "lr.png").exists()
+
+
+def test_reshard_is_a_cli_tool_and_its_folder_is_readable_by_others(tmp_path, capsys):
+    import os
+    import stat
+
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join('{"text": "doc %d"}\n' % i for i in range(6)))
+    out = tmp_path / "shards"
+    old = os.umask(0o022)
+    try:
+        assert cli(["reshard", str(src), "--num-shards", "2", "--out", str(out), "--no-progress"]) == 0
+    finally:
+        os.umask(old)
+    assert len(list(out.glob("*.parquet"))) == 2
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+
+
+def test_debug_configs_point_only_to_what_exists():
+    for config in sorted(DEBUG_CONFIG.parent.glob("debug*.toml")):
+        assert "the checkpoint configs" not in config.read_text(), config
+
+
+def test_building_the_environment_says_each_step_before_it(tmp_path):
+    """scripts/setup_env.sh on a copy of the repo's manifests, with a stand-in interpreter that
+    creates a venv whose python only records what it was asked (no download)."""
+    import shutil
+    import stat
+    import subprocess
+
+    repo = DEBUG_CONFIG.parent.parent
+    root = tmp_path / "repo"
+    (root / "scripts").mkdir(parents=True)
+    for name in ("scripts/setup_env.sh", "requirements.lock", "pyproject.toml"):
+        shutil.copy(repo / name, root / name)
+    fake = tmp_path / "python3"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        "if [[ \"$1 $2\" == \"-m venv\" ]]; then mkdir -p \"$3/bin\"; cp \"$0\" \"$3/bin/python\"; exit 0; fi\n"
+        "echo \"python $*\" >> \"$(dirname \"$0\")/calls\"\n"
+        "[[ \"$1\" == \"-c\" && \"$2\" == *print* ]] && echo 'torch x torchtitan y'\n"
+        "[[ \"$1\" == \"-c\" && \"$2\" == *+cpu* ]] && exit 1\n"
+        "exit 0\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    env = {k: v for k, v in __import__("os").environ.items() if k != "EXT_SKIP_SETUP"}
+    proc = subprocess.run(["bash", str(root / "scripts" / "setup_env.sh")], env={**env, "PYTHON": str(fake)},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    steps = [line for line in proc.stderr.splitlines() if line.startswith("setup: [")]
+    assert [s[:12] for s in steps] == ["setup: [1/3]", "setup: [2/3]", "setup: [3/3]"], proc.stderr
+    assert "torch==" in steps[1]

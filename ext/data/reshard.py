@@ -10,6 +10,7 @@ Usage::
 
     # a jsonl file -> 32 parquet shards (any count works for the loader)
     python -m ext.data.reshard data/web.jsonl --num-shards 32 --out data/web-32
+    python -m ext.cli reshard data/web.jsonl --num-shards 32 --out data/web-32   # the same, beside the other tools
     python -m ext.data.reshard data/books/ --num-shards 64 --out data/books-64 --format txt
     python -m ext.data.reshard allenai/c4 --split validation --num-shards 32 --out data/c4-val
 
@@ -308,6 +309,9 @@ def reshard(
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would become DIR's mode: make it a plain mkdir's
     try:
         names = _write_shards(ds, tmp, num_shards, progress)
         _check_out(out, overwrite)  # it may have changed while we wrote
@@ -324,6 +328,12 @@ def _parser() -> argparse.ArgumentParser:
         description="Rewrite one data source into N contiguous parquet shards "
         "(any count: the loader splits by size).",
     )
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``reshard`` (also ``python -m ext.cli reshard``)."""
     p.add_argument("source", metavar="SOURCE", help="local file or folder (jsonl/json/parquet/arrow/txt), or a Hub dataset id")
     p.add_argument("--num-shards", type=int, required=True, metavar="N", help="number of shards to write")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (must be absent or empty unless --overwrite)")
@@ -332,11 +342,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--format", dest="fmt", default="auto", choices=["auto", *_BUILDERS], help="input format (default: from file extensions)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty DIR once the new shards are complete")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    return run(_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Reshard as ``args`` say; 0, or 2 with one ``error:`` line."""
     try:
         paths = reshard(
             args.source, args.num_shards, args.out, text_field=args.text_field,
