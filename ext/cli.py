@@ -322,6 +322,13 @@ def _check(args: argparse.Namespace, config_argv: list[str]) -> int:
 
         for note in launch_notes(cfg, launch.world_size, launch.local_world_size, launch.cuda):
             print(note, file=sys.stderr)
+        from ext.eval import eval_read_note
+
+        others = cfg.parallelism.tensor_parallel_degree * cfg.parallelism.pipeline_parallel_degree \
+            * cfg.parallelism.context_parallel_degree
+        note = eval_read_note(cfg, max(launch.world_size // max(others, 1), 1))
+        if note:
+            print(note, file=sys.stderr)
     except Exception:  # the memory_fits check has reported why
         pass
     for problem in problems:

@@ -97,6 +97,15 @@ class Eval:
     source's own split. Local files have one split: use `datasets` instead.
     """
 
+    tokens_per_source: int = 262144
+    """
+    Most held-out tokens read per source and evaluation, all data-parallel
+    ranks together (rows of training.seq_len: ceil(tokens / (seq_len x dp))
+    per rank), when [validation] steps = -1 (torchtitan's default, "all").
+    Bounds an evaluation on a large source (it also runs at step 1). A
+    positive [validation] steps wins; 0: the whole held-out part.
+    """
+
     verifiers_envs: list[str] = field(default_factory=list)
     """
     verifiers environments (taskset ids; `pip install -e .[verifiers]`)
@@ -246,10 +255,11 @@ class HeldOutValidator(BaseValidator):
 
             self._verifiers = VerifiersEval(job_config, tokenizer, parallel_dims, self.model_keys, self)
         what = [f"{name} ({_describe(spec)})" for name, spec in self.sources]
-        steps = job_config.validation.steps
+        rows = heldout_rows_per_rank(job_config, dp_world_size)
+        batches = "all" if rows is None else -(-rows // job_config.validation.local_batch_size)
         logger.info(
             f"[eval] held-out: {', '.join(what) or 'none'}; every {job_config.validation.freq} steps, "
-            f"{'all' if steps < 0 else steps} batch(es) of {job_config.validation.local_batch_size} rows "
+            f"{batches} batch(es) of {job_config.validation.local_batch_size} rows "
             f"per source per rank"
             + (f"; verifiers: {list(self.eval_cfg.verifiers_envs)}" if self._verifiers else "")
         )
@@ -282,16 +292,20 @@ class HeldOutValidator(BaseValidator):
             [spec], cfg, encoder, self._pad_id(), seq_len, self.dp_rank, self.dp_world_size, seed
         )
         batch_size = self.job_config.validation.local_batch_size
-        steps = self.job_config.validation.steps
-        max_rows = steps * batch_size if steps > 0 else None
+        max_rows = heldout_rows_per_rank(self.job_config, self.dp_world_size)
         samples: list[dict[str, torch.Tensor]] = []
         labels: list[torch.Tensor] = []
+        said = time.perf_counter()
         for sample, label in dataset:
             sample.pop(STATS_KEY)
             samples.append({k: v for k, v in sample.items() if k in self.model_keys})
             labels.append(label)
             if max_rows is not None and len(samples) >= max_rows:
                 break
+            if time.perf_counter() - said > PROGRESS_SECONDS:  # a long read is not silent
+                said = time.perf_counter()
+                logger.info(f"[eval] reading held-out {spec.name!r}: {len(samples):,} rows"
+                            + (f" of {max_rows:,}" if max_rows else " (the whole held-out part)"))
         batches = []
         for at in range(0, len(samples), batch_size):
             chunk = samples[at : at + batch_size]
@@ -369,11 +383,16 @@ class HeldOutValidator(BaseValidator):
         if self._batches is None:
             self._batches = self._build_batches()
         totals = torch.zeros(2 * len(self._batches), dtype=torch.float64, device=_device())
-        for s, (_, batches) in enumerate(self._batches):
+        n_batches, done, said = sum(len(b) for _, b in self._batches), 0, time.perf_counter()
+        for s, (name, batches) in enumerate(self._batches):
             for batch in batches:
                 loss_sum, tokens = self._batch_loss(model_parts, batch)
                 totals[2 * s] += loss_sum
                 totals[2 * s + 1] += tokens
+                done += 1
+                if time.perf_counter() - said > PROGRESS_SECONDS:  # a long evaluation is not silent
+                    said = time.perf_counter()
+                    logger.info(f"[eval] {done}/{n_batches} batches ({name})")
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(totals)
         totals = totals.cpu().tolist()
@@ -422,6 +441,40 @@ class HeldOutValidator(BaseValidator):
     def _verifiers_due(self, step: int) -> bool:
         every = self.eval_cfg.verifiers_freq
         return every <= 0 or step % every == 0 or step == self.job_config.training.steps
+
+
+PROGRESS_SECONDS = 15.0
+"""A long held-out read or evaluation logs its progress this often."""
+
+
+def heldout_rows_per_rank(job_config: Any, dp_world_size: int) -> int | None:
+    """Held-out rows each rank reads per source: [validation] steps x local_batch_size
+    when steps > 0, else [eval] tokens_per_source over seq_len and the ranks (None:
+    all of them)."""
+    steps = job_config.validation.steps
+    if steps > 0:
+        return steps * job_config.validation.local_batch_size
+    budget = getattr(getattr(job_config, "eval", None), "tokens_per_source", 0)
+    if budget <= 0:
+        return None
+    return -(-budget // (job_config.training.seq_len * max(dp_world_size, 1)))
+
+
+def eval_read_note(job_config: Any, dp_world_size: int) -> str | None:
+    """What one evaluation reads (for the preflight), or None when validation is off."""
+    v = job_config.validation
+    if not v.enable or not job_config.data.datasets:
+        return None
+    rows = heldout_rows_per_rank(job_config, dp_world_size)
+    when = f"at step 1, every {v.freq} steps and the last"
+    if rows is None:
+        return (f"note: [eval] each evaluation ({when}) reads the whole held-out part of every source "
+                "([validation] steps = -1, [eval] tokens_per_source = 0): on a large source this is long")
+    batches = -(-rows // v.local_batch_size)
+    tokens = rows * job_config.training.seq_len * max(dp_world_size, 1)
+    return (f"note: [eval] each evaluation ({when}) reads at most {tokens:,} held-out tokens per source = "
+            f"{batches} batch(es) of {v.local_batch_size} x {job_config.training.seq_len} per rank "
+            f"({'[validation] steps' if v.steps > 0 else '[eval] tokens_per_source'})")
 
 
 def _perplexity(loss: float) -> float:

@@ -327,3 +327,38 @@ def test_building_the_environment_says_each_step_before_it(tmp_path):
     steps = [line for line in proc.stderr.splitlines() if line.startswith("setup: [")]
     assert [s[:12] for s in steps] == ["setup: [1/3]", "setup: [2/3]", "setup: [3/3]"], proc.stderr
     assert "torch==" in steps[1]
+
+
+# -- 7. evaluation is bounded by default ------------------------------------------------------
+
+EVAL_CONFIG = DEBUG_CONFIG.parent / "debug_eval.toml"
+
+
+def test_the_check_says_how_much_one_evaluation_reads(capsys):
+    assert cli(["check", "--job.config_file", str(EVAL_CONFIG)]) == 0
+    err = capsys.readouterr().err
+    assert ("note: [eval] each evaluation (at step 1, every 50 steps and the last) reads at most 262,144 "
+            "held-out tokens per source = 128 batch(es) of 8 x 256 per rank") in err, err
+    assert cli(["check", "--job.config_file", str(EVAL_CONFIG), "--eval.tokens_per_source", "0"]) == 0
+    assert "reads the whole held-out part" in capsys.readouterr().err
+
+
+def _heldout_batches(*args: str) -> dict[str, int]:
+    from torchtitan.components.tokenizer import build_hf_tokenizer
+
+    from ext.cli import load_job_config
+    from ext.eval import HeldOutValidator
+
+    cfg = load_job_config(["--job.config_file", str(EVAL_CONFIG), *args])
+    validator = HeldOutValidator(cfg, 1, 0, build_hf_tokenizer(cfg), None, None, None, None, None)
+    real = {}
+    for name, batches in validator._build_batches():
+        real[name] = sum(int(b[1].ne(-100).any(dim=1).sum()) for b in batches)  # rows holding held-out text
+    return real
+
+
+def test_an_evaluation_reads_at_most_its_token_budget_per_source():
+    bounded = _heldout_batches("--eval.tokens_per_source", "4096")  # 16 rows of 256
+    assert bounded == {"web": 16, "code": 16, "math": 16}
+    whole = _heldout_batches("--eval.tokens_per_source", "0")
+    assert all(whole[name] > 16 for name in whole), whole
