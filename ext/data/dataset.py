@@ -11,6 +11,11 @@ rows of that buffer already yielded. Restoring re-reads and re-packs that
 buffer (both deterministic) and skips the rows already trained on. The row
 counter is advanced before a row is yielded, because torchdata snapshots a
 worker's state when it hands out a batch.
+
+Another layout (dp ranks x workers): :meth:`PackedMixtureDataset.redistribute`
+hands every buffer in flight whole to one new reader (re-packed from its
+saved start as before, only its untrained rows yielded: no token moves) and
+deals the sources' remainders by global order; see README [data].
 """
 
 from __future__ import annotations

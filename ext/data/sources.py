@@ -40,8 +40,12 @@ per pass, readers finish a pass together (to within one range), and the
 global order does not depend on R. Inside a range, records come in chunks
 of at most 8,192 in file order, each chunk permuted (keyed by seed, source,
 epoch, range, chunk). A reader's position is ``(epoch, k, pos)``: its k-th
-range of the epoch, records consumed in it. That triple is the source's
-whole checkpoint state; restoring re-opens range k and skips ``pos``.
+range of the epoch, records consumed in it. That triple (with the layout it
+belongs to) is the source's whole checkpoint state; restoring re-opens
+range k and skips ``pos``. On another reader layout,
+:func:`redistribute_source` deals each epoch's unread remainder (rest of
+begun ranges, untouched ranges, in the epoch's global order) round-robin to
+the new readers, so every record of every epoch is still read once.
 
 Memory per reader: the plan (20 bytes a range), the epoch's permutation,
 and one range (<= 8 MiB of text, one parquet row group column, or 8,192
