@@ -457,6 +457,9 @@ def main(argv: list[str] | None = None) -> int:
         ))
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     command = COMMANDS[args.command]
+    from ext.logs import quiet_known_noise
+
+    quiet_known_noise()  # e.g. torchtitan's unprefixed "Warmup steps (N) exceed total steps" from the check
     if rest and not command.config_args:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:

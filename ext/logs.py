@@ -6,7 +6,9 @@ starts) filters, on every run:
 - Python warnings that are harmless here: torchdata's ``set_vital`` deprecation
   (from inside ``StatefulDataLoader``) and torch's "In CPU autocast, but the
   target dtype is not supported" (a CPU run trains in float32; the memory
-  estimate of the preflight counts that);
+  estimate of the preflight counts that), and DTensor's "random operators /
+  manual_seed() may not have complete support on cpu device mesh" (multi-process
+  CPU runs: the FSDP runs of the tests train and resume on it);
 - torchtitan log lines: ``model.safetensors.index.json not found`` (a model
   without an index is saved as one file, which is what it says it will do),
   ``TORCH_NCCL_ASYNC_ERROR_HANDLING ... overridden`` on a host without CUDA
@@ -76,6 +78,7 @@ def quiet_known_noise() -> None:
     global _installed
     warnings.filterwarnings("ignore", message=r".*'set_vital' is deprecated")
     warnings.filterwarnings("ignore", message=r"In CPU autocast, but the target dtype is not supported")
+    warnings.filterwarnings("ignore", message=r"DTensor .* may not have complete support on cpu device mesh")
     if _installed is None:
         import torch
 

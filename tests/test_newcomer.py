@@ -124,12 +124,13 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
-    """The debug config for 3 steps (log_freq 10, warmup 20) on two sources, output captured (not a terminal)."""
+    """The debug config for 3 steps (log_freq 10, warmup 20) on two sources, 2 processes (FSDP over
+    gloo), output captured (not a terminal)."""
     out = tmp_path_factory.mktemp("short") / "out"
     data = DEBUG_CONFIG.parent.parent / "ext" / "assets" / "data"
     proc = run_command(["./run_train.sh", "--job.config_file", str(DEBUG_CONFIG), "--training.steps", "3",
                         "--job.dump_folder", str(out), "--data.datasets", f"{data / 'web.jsonl'},{data / 'code.jsonl'}",
-                        "--data.sampling_probs", "0.6", "0.4"])
+                        "--data.sampling_probs", "0.6", "0.4"], env={"NPROC": "2"})
     assert proc.returncode == 0, proc.output[-4000:]
     return proc, out
 
@@ -230,7 +231,7 @@ def test_the_lr_is_printed_at_log_steps_only(short_run):
 def test_known_harmless_cpu_warnings_are_not_repeated(short_run):
     proc, _ = short_run
     for noise in ("set_vital", "CPU Autocast", "In CPU autocast", "model.safetensors.index.json",
-                  "TORCH_NCCL_ASYNC_ERROR_HANDLING"):
+                  "TORCH_NCCL_ASYNC_ERROR_HANDLING", "may not have complete support on cpu device mesh"):
         assert noise not in proc.output, noise
 
 
@@ -362,3 +363,23 @@ def test_an_evaluation_reads_at_most_its_token_budget_per_source():
     assert bounded == {"web": 16, "code": 16, "math": 16}
     whole = _heldout_batches("--eval.tokens_per_source", "0")
     assert all(whole[name] > 16 for name in whole), whole
+
+
+def test_the_check_prints_no_unprefixed_warmup_warning(capsys):
+    import logging
+
+    class Keep(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.records = []
+
+        def emit(self, record):
+            self.records.append(record.getMessage())
+
+    keep = Keep()
+    logging.getLogger().addHandler(keep)
+    try:
+        assert cli(["check", "--job.config_file", str(DEBUG_CONFIG), "--training.steps", "2"]) == 0
+    finally:
+        logging.getLogger().removeHandler(keep)
+    assert not any("Warmup steps" in m for m in keep.records), keep.records
