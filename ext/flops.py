@@ -386,6 +386,14 @@ def attention_counts(segment_ids: Any, labels: Any, valid: Any = None) -> Attent
     real tokens contributes ``n (n + 1) / 2`` pairs and padding contributes
     none. ``labels`` (-100 = not trained) only give ``trained_tokens``.
     """
+    rows = attention_counts_per_row(segment_ids, labels, valid)
+    return AttentionCounts(*(int(column.sum()) for column in rows.T))
+
+
+def attention_counts_per_row(segment_ids: Any, labels: Any, valid: Any = None) -> np.ndarray:
+    """:func:`attention_counts` of each row: int64 ``[rows, 4]`` with columns
+    real_tokens, trained_tokens, pairs, pairs_causal (one call for a whole
+    buffer costs about what one row costs)."""
     seg = np.asarray(segment_ids)
     lab = np.asarray(labels)
     real = np.ones(seg.shape, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
@@ -395,24 +403,25 @@ def attention_counts(segment_ids: Any, labels: Any, valid: Any = None) -> Attent
         )
     n = seg.shape[-1] if seg.ndim else 0
     if seg.size == 0:
-        return AttentionCounts(0, 0, 0, 0)
+        return np.zeros((0 if seg.ndim > 1 else 1, 4), dtype=np.int64)
     seg = seg.reshape(-1, n)
-    real = real.reshape(-1)
-    trained = (lab.reshape(-1) != IGNORE_INDEX) & real
+    real = real.reshape(seg.shape)
+    trained = (lab.reshape(seg.shape) != IGNORE_INDEX) & real
     position = np.arange(1, n + 1, dtype=np.int64)  # keys under plain causal attention
-    causal = int(np.tile(position, seg.shape[0])[real].sum())
+    causal = (real * position).sum(axis=1)
     # A query at row position p in a segment starting at s attends p + 1 - s keys:
     # subtract s once per real query of each segment.
     new = np.ones(seg.shape, dtype=bool)
     new[:, 1:] = seg[:, 1:] != seg[:, :-1]
     starts = np.flatnonzero(new)
-    real_per_segment = np.add.reduceat(real.astype(np.int64), starts)
-    return AttentionCounts(
-        real_tokens=int(real.sum()),
-        trained_tokens=int(trained.sum()),
-        pairs=causal - int((starts % n) @ real_per_segment),
-        pairs_causal=causal,
-    )
+    real_per_segment = np.add.reduceat(real.reshape(-1).astype(np.int64), starts)
+    offsets = np.bincount(starts // n, weights=(starts % n) * real_per_segment, minlength=seg.shape[0])
+    out = np.empty((seg.shape[0], 4), dtype=np.int64)
+    out[:, 0] = real.sum(axis=1)
+    out[:, 1] = trained.sum(axis=1)
+    out[:, 2] = causal - offsets.astype(np.int64)
+    out[:, 3] = causal
+    return out
 
 
 # ------------------------------------------------------------------------ peak

@@ -35,7 +35,7 @@ from ext.data.config import Data, SourceSpec
 from ext.data.mixture import Mixture, redistribute_mixture
 from ext.data.packing import pack_documents, rows_to_batch
 from ext.errors import DataError
-from ext.flops import attention_counts
+from ext.flops import attention_counts_per_row
 from ext.data.sources import Plan, Source, fresh_source_state, plan_source, redistribute_source
 
 # Test hook (documented in README [data]): with EXT_DATA_TRACE set, every sample
@@ -318,6 +318,11 @@ class PackedMixtureDataset(IterableDataset, Stateful):
         self._batch = {k: v[order] for k, v in batch.items()}
         self._stats = stats[order]
         self._stats[0, -len(bad):] = bad
+        # FLOP counts of every row as packed (one vectorized call per buffer); a row
+        # that SkyLadder cuts further is counted again when it is yielded.
+        n_valid = self._stats[:, STATS_FIELDS.index("row_tokens")] - self._stats[:, STATS_FIELDS.index("pad_tokens")]
+        seg = self._batch["segment_ids"]
+        self._counts = attention_counts_per_row(seg, self._batch["labels"], np.arange(seg.shape[1]) < n_valid[:, None])
         if self._trace:
             self._trace_ids = np.asarray(ids, np.int64)
             self._trace_docs = packed.doc_index[order]
@@ -346,6 +351,7 @@ class PackedMixtureDataset(IterableDataset, Stateful):
                 continue
             i = self._row
             segment_ids, stats = self._batch["segment_ids"][i], self._stats[i].copy()
+            counts = self._counts[i]
             if self.window_clock is not None:
                 info = get_worker_info()
                 base = self._rows_base // (self.window_clock.local_batch * self.dp_world_size)
@@ -353,15 +359,17 @@ class PackedMixtureDataset(IterableDataset, Stateful):
                     self._rows_out, info.id if info else 0, info.num_workers if info else 1, base
                 )
                 stats[STATS_FIELDS.index("window")] = window
+                cut = not self.window_clock.within_documents or window < len(segment_ids)
                 if not self.window_clock.within_documents:
                     segment_ids = np.zeros_like(segment_ids)
                 if window < len(segment_ids):
                     segment_ids = fragment_segments(segment_ids, window)
-            n_valid = stats[STATS_FIELDS.index("row_tokens")] - stats[STATS_FIELDS.index("pad_tokens")]
-            real = np.arange(len(segment_ids)) < n_valid  # inputs that are not padding
-            counts = attention_counts(segment_ids, self._batch["labels"][i], real)
+                if cut:
+                    n_valid = stats[STATS_FIELDS.index("row_tokens")] - stats[STATS_FIELDS.index("pad_tokens")]
+                    real = np.arange(len(segment_ids)) < n_valid  # inputs that are not padding
+                    counts = attention_counts_per_row(segment_ids, self._batch["labels"][i], real)[0]
             at = STATS_FIELDS.index("real_tokens")
-            stats[at : at + 4] = counts.real_tokens, counts.trained_tokens, counts.pairs, counts.pairs_causal
+            stats[at : at + 4] = counts
             self._row += 1
             self._rows_out += 1
             sample = {

@@ -11,22 +11,31 @@ whole state is the consumed counters, which makes resume exact.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
 class Mixture:
+    """The counters live in Python lists: :meth:`pick` runs once per document,
+    and for the few sources a mixture has a plain loop costs a fraction of
+    numpy's per-call overhead (the float64 arithmetic is the same)."""
+
     def __init__(self, probs: list[float], unit: str = "tokens"):
-        self.probs = np.asarray(probs, dtype=np.float64)
+        self.probs = [float(p) for p in probs]
         self.unit = unit
-        self.consumed = np.zeros(len(probs), dtype=np.float64)
-        self.active = self.probs > 0
+        self.consumed = [0.0] * len(self.probs)
+        self.active = [p > 0 for p in self.probs]
 
     def pick(self) -> int | None:
         """Index of the source to read next, or None when every source is spent."""
-        if not self.active.any():
-            return None
-        ratio = np.where(self.active, self.consumed / np.where(self.active, self.probs, 1.0), np.inf)
-        return int(np.argmin(ratio))
+        best, best_ratio = None, math.inf
+        for i, (consumed, prob, active) in enumerate(zip(self.consumed, self.probs, self.active)):
+            if active:
+                ratio = consumed / prob
+                if best is None or ratio < best_ratio:
+                    best, best_ratio = i, ratio
+        return best
 
     def record(self, source: int, n_tokens: int) -> None:
         self.consumed[source] += n_tokens if self.unit == "tokens" else 1
@@ -35,11 +44,11 @@ class Mixture:
         self.active[source] = False
 
     def state(self) -> dict[str, list]:
-        return {"consumed": self.consumed.tolist(), "active": self.active.tolist()}
+        return {"consumed": list(self.consumed), "active": list(self.active)}
 
     def restore(self, state: dict[str, list]) -> None:
-        self.consumed = np.asarray(state["consumed"], dtype=np.float64)
-        self.active = np.asarray(state["active"], dtype=bool)
+        self.consumed = [float(c) for c in state["consumed"]]
+        self.active = [bool(a) for a in state["active"]]
 
 
 def redistribute_mixture(states: list[dict[str, list]], n_new: int) -> dict[str, list]:
