@@ -64,3 +64,24 @@ def write_repeated_corpus(path: Path, n_docs: int) -> int:
 @pytest.fixture(scope="session")
 def python() -> str:
     return sys.executable
+
+
+def assert_resumes_exactly(loader, total: int, stop: int, keys=("input", "positions", "segment_ids")) -> None:
+    """A loader restored from its state after ``stop`` batches yields batches
+    ``stop + 1 .. total`` of an uninterrupted one, bit for bit. ``loader()``
+    builds a fresh loader (what the trainer checkpoints: its state_dict)."""
+    import numpy as np
+
+    straight = [batch for _, batch in zip(range(total), loader())]
+    first = loader()
+    it = iter(first)
+    for _ in range(stop):
+        next(it)
+    state = first.state_dict()
+    resumed = loader()
+    resumed.load_state_dict(state)
+    rest = [batch for _, batch in zip(range(total - stop), resumed)]
+    assert len(rest) == total - stop
+    for (s1, l1), (s2, l2) in zip(straight[stop:], rest):
+        assert all(np.array_equal(s1[k], s2[k]) for k in keys)
+        assert np.array_equal(l1, l2)

@@ -21,7 +21,7 @@ from ext.data.encoders import TextEncoder
 from ext.data.loader import LOADER_STATS, PackedDataLoader, build_packed_dataloader, resolve_num_workers
 from ext.errors import ConfigError, DataError
 
-from .conftest import TOKENIZER
+from .conftest import TOKENIZER, assert_resumes_exactly
 
 TOK = Tokenizer.from_file(str(TOKENIZER / "tokenizer.json"))
 BOS, EOS, PAD = 0, 1, 2
@@ -172,18 +172,7 @@ def test_resume_after_batch_k_reproduces_the_uninterrupted_batches(tmp_path):
         return PackedDataLoader(make_dataset(specs, cfg), 0, 1, ("input", "positions", "segment_ids"),
                                 batch_size=4, num_workers=2, persistent_workers=True)
 
-    straight = [batch for _, batch in zip(range(60), loader())]
-    first = loader()
-    it = iter(first)
-    for _ in range(23):
-        next(it)
-    state = first.state_dict()
-    resumed = loader()
-    resumed.load_state_dict(state)
-    rest = [batch for _, batch in zip(range(60 - 23), resumed)]
-    for (s1, l1), (s2, l2) in zip(straight[23:], rest):
-        assert all(np.array_equal(s1[k], s2[k]) for k in ("input", "positions", "segment_ids"))
-        assert np.array_equal(l1, l2)
+    assert_resumes_exactly(loader, total=60, stop=23)
 
 
 # -- bad records and empty sources ------------------------------------------------------

@@ -16,6 +16,7 @@ from ext.data.encoders import load_chat_tokenizer
 from ext.errors import ConfigError
 
 from .conftest import DEBUG_CONFIG, TOKENIZER, read_summary, run_train
+from .test_chat_templates import trained_runs
 
 CHAT = [
     {"role": "system", "content": "Be brief."},
@@ -51,16 +52,7 @@ def llama3_style():
 
 def trained_text(tok, enc) -> str:
     """The trained tokens decoded, turn by turn ('|' between non-adjacent runs)."""
-    runs, current = [], []
-    for i, (t, m) in enumerate(zip(enc.ids, enc.trained)):
-        if m:
-            current.append(int(t))
-        elif current:
-            runs.append(tok.decode(current))
-            current = []
-    if current:
-        runs.append(tok.decode(current))
-    return "|".join(runs)
+    return "|".join(trained_runs(tok, enc))
 
 
 # -- masks against hand-computed expectations -------------------------------------------

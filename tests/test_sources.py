@@ -26,7 +26,7 @@ from ext.data.loader import PackedDataLoader
 from ext.data.sources import Source, count_lines, plan_source
 from ext.errors import DataError
 
-from .conftest import TOKENIZER
+from .conftest import TOKENIZER, assert_resumes_exactly
 
 TOK = Tokenizer.from_file(str(TOKENIZER / "tokenizer.json"))
 BOS, EOS, PAD = 0, 1, 2
@@ -347,19 +347,7 @@ def test_a_streamed_split_resumes_exactly_with_workers(tmp_path, monkeypatch):
         return PackedDataLoader(make_dataset([spec], cfg, seq_len=32), 0, 1, ("input", "positions", "segment_ids"),
                                 batch_size=2, num_workers=2, persistent_workers=True)
 
-    straight = [batch for _, batch in zip(range(40), loader())]
-    first = loader()
-    it = iter(first)
-    for _ in range(13):
-        next(it)
-    state = first.state_dict()
-    resumed = loader()
-    resumed.load_state_dict(state)
-    rest = [batch for _, batch in zip(range(40 - 13), resumed)]
-    assert len(rest) == 27
-    for (s1, l1), (s2, l2) in zip(straight[13:], rest):
-        assert all(np.array_equal(s1[k], s2[k]) for k in ("input", "positions", "segment_ids"))
-        assert np.array_equal(l1, l2)
+    assert_resumes_exactly(loader, total=40, stop=13)
 
 
 # -- exact resume over compressed and columnar files ------------------------------------------------
@@ -374,19 +362,7 @@ def test_resume_is_bitwise_exact_over_zst_and_parquet_sources_with_workers(tmp_p
         return PackedDataLoader(make_dataset(specs, cfg), 0, 1, ("input", "positions", "segment_ids"),
                                 batch_size=4, num_workers=2, persistent_workers=True)
 
-    straight = [batch for _, batch in zip(range(80), loader())]  # past one epoch of each source
-    first = loader()
-    it = iter(first)
-    for _ in range(37):
-        next(it)
-    state = first.state_dict()
-    resumed = loader()
-    resumed.load_state_dict(state)
-    rest = [batch for _, batch in zip(range(80 - 37), resumed)]
-    assert len(rest) == 43
-    for (s1, l1), (s2, l2) in zip(straight[37:], rest):
-        assert all(np.array_equal(s1[k], s2[k]) for k in ("input", "positions", "segment_ids"))
-        assert np.array_equal(l1, l2)
+    assert_resumes_exactly(loader, total=80, stop=37)  # past one epoch of each source
 
 
 # -- ready token documents and skip counts in the loader stats ------------------------------------
