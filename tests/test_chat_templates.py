@@ -354,3 +354,36 @@ def test_a_template_whose_turns_markers_cannot_place_falls_back_to_prefix_render
     enc = encoder.encode(CHAT)
     assert encoder.fallbacks == 1
     assert trained_runs(tok, enc) == prefix_reference(tok, CHAT) == ["apple<|im_end|>", "7 is odd.<|im_end|>"]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "arrow"])
+def test_a_records_top_level_tools_reach_the_template_from_every_format(tmp_path, fmt):
+    """OpenAI-format tool data keeps `tools` beside `messages` in each record
+    (columnar files: a `tools` column, often JSON text)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ext.data.sources import ArrowShard, ParquetShard, PlainLineShard
+
+    chat = [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": "Sunny."}]
+    path = tmp_path / f"tools.{fmt}"
+    if fmt == "jsonl":
+        path.write_text(json.dumps({"messages": chat, "tools": TOOLS}) + "\n" + json.dumps({"messages": chat}) + "\n")
+        shard = PlainLineShard(str(path), "messages", True)
+    else:
+        table = pa.table({"messages": [chat, chat], "tools": [json.dumps(TOOLS), None]})
+        if fmt == "parquet":
+            pq.write_table(table, path)
+            shard = ParquetShard(str(path), "messages", "tools")
+        else:
+            with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table)
+            shard = ArrowShard(str(path), "messages", "tools")
+    (start, stop), *_ = shard.segments()
+    values = [v for chunk in shard.chunks(start, stop) for v in chunk.values]
+    assert isinstance(values[0], dict) and values[0]["tools"] and isinstance(values[1], list)
+    spec = ChatEncoderSpec(str(TOKENIZER), "", ("assistant",), False, "auto", 4096, "drop")
+    tok = tokenizer("qwen3")
+    with_tools, without = ChatDocEncoder(tok, spec).encode_batch(values)
+    decode = lambda doc: tok.decode(doc & ((1 << 30) - 1))  # noqa: E731
+    assert "get_weather" in decode(with_tools) and "get_weather" not in decode(without)

@@ -177,7 +177,22 @@ def _parse_line(raw: bytes, text_field: str, is_json: bool) -> tuple[Any, str]:
         return None, f"not a JSON object (a {type(record).__name__})"
     if text_field not in record:
         return None, f"no field {text_field!r}"
-    return _check_value(record[text_field], text_field)
+    return _check_value(_with_sample_fields(text_field, record[text_field], record), text_field)
+
+
+CONVERSATION_FIELDS = ("messages", "conversations")
+SAMPLE_FIELDS = ("tools", "system")
+"""Fields of a chat record beside its turns that its template reads: a record
+``{"messages": [...], "tools": [...]}`` reaches the chat encoder whole."""
+
+
+def _with_sample_fields(text_field: str, value: Any, record: Any) -> Any:
+    """``value``, or for a conversation field, ``{text_field: value}`` plus the
+    record's :data:`SAMPLE_FIELDS` when it has any."""
+    if text_field not in CONVERSATION_FIELDS or value is None:
+        return value
+    extra = {k: record[k] for k in SAMPLE_FIELDS if k in record and record[k] is not None}
+    return {text_field: value, **extra} if extra else value
 
 
 def _lines_to_chunks(lines: Iterator[tuple[int, bytes]], text_field: str, is_json: bool) -> Iterator[Chunk]:
@@ -200,10 +215,14 @@ def _lines_to_chunks(lines: Iterator[tuple[int, bytes]], text_field: str, is_jso
         yield chunk
 
 
-def _arrow_values(column: Any, text_field: str, first_row: int) -> Chunk:
-    """A pyarrow (chunked) array -> a chunk with each value checked."""
+def _arrow_values(column: Any, text_field: str, first_row: int, extra: Any = None) -> Chunk:
+    """A pyarrow (chunked) array -> a chunk with each value checked. ``extra``:
+    a table of the rows' :data:`SAMPLE_FIELDS` columns, merged into each
+    conversation value (:func:`_with_sample_fields`)."""
     try:
         raw = column.to_pylist()
+        if extra is not None and extra.num_columns:
+            raw = [_with_sample_fields(text_field, v, r) for v, r in zip(raw, extra.to_pylist())]
     except Exception:  # e.g. invalid UTF-8 in a string column: find the bad rows one by one
         raw = []
         for i in range(len(column)):
@@ -436,7 +455,7 @@ class ParquetShard:
     def __init__(self, path: str, text_field: str, source: str):
         self.path, self.text_field, self.source = path, text_field, source
         self._file = None
-        self._group: tuple[int, Any] | None = None  # (row group, its column): the last one read
+        self._group: tuple[int, Any, Any] | None = None  # (row group, its column, its SAMPLE_FIELDS): the last read
         self._group_starts: np.ndarray | None = None
 
     def __getstate__(self) -> dict:
@@ -471,12 +490,17 @@ class ParquetShard:
             self._group_starts = np.concatenate(([0], np.cumsum(rows))).astype(np.int64)
         g = int(np.searchsorted(self._group_starts, start, side="right") - 1)
         if self._group is None or self._group[0] != g:
-            self._group = (g, pf.read_row_group(g, columns=[self.text_field]).column(0))
-        column = self._group[1]
+            extra = []
+            if self.text_field in CONVERSATION_FIELDS:
+                extra = [k for k in SAMPLE_FIELDS if k in pf.schema_arrow.names]
+            table = pf.read_row_group(g, columns=[self.text_field, *extra])
+            self._group = (g, table.column(0), table.select(extra))
+        _, column, extra_table = self._group
         base = int(self._group_starts[g])
         for a in range(start, stop, CHUNK_RECORDS):
             b = min(a + CHUNK_RECORDS, stop)
-            yield _arrow_values(column.slice(a - base, b - a), self.text_field, a)
+            yield _arrow_values(column.slice(a - base, b - a), self.text_field, a,
+                                extra_table.slice(a - base, b - a))
 
     def locate(self, loc: int) -> str:
         return f"{self.path}:row {loc}"
@@ -510,7 +534,10 @@ class ArrowShard:
                                 f"({type(e).__name__}: {e}); fix or remove it") from None
             if self.text_field not in table.column_names:
                 raise _missing_field(self.source, self.path, self.text_field, table.column_names)
-            self._table = table.select([self.text_field])
+            extra = []
+            if self.text_field in CONVERSATION_FIELDS:
+                extra = [k for k in SAMPLE_FIELDS if k in table.column_names]
+            self._table = table.select([self.text_field, *extra])
         return self._table
 
     def segments(self) -> list[tuple[int, int]]:
@@ -519,10 +546,11 @@ class ArrowShard:
         return [(0, n)] if n else []
 
     def chunks(self, start: int, stop: int) -> Iterator[Chunk]:
-        column = self._open().column(0)
+        table = self._open()
+        column, extra = table.column(0), table.select(table.column_names[1:])
         for a in range(start, stop, CHUNK_RECORDS):
             b = min(a + CHUNK_RECORDS, stop)
-            yield _arrow_values(column.slice(a, b - a), self.text_field, a)
+            yield _arrow_values(column.slice(a, b - a), self.text_field, a, extra.slice(a, b - a))
 
     def locate(self, loc: int) -> str:
         return f"{self.path}:row {loc}"
@@ -665,7 +693,8 @@ class HubShard:
             i += 1
             if i % stride != offset:
                 continue
-            value, why = (_check_value(record.get(self.text_field), self.text_field)
+            value, why = (_check_value(_with_sample_fields(self.text_field, record.get(self.text_field), record),
+                                       self.text_field)
                           if self.text_field in record else (None, f"no field {self.text_field!r}"))
             if value is None:
                 chunk.bad[len(chunk.values)] = why
