@@ -16,15 +16,7 @@ from ext.data.encoders import load_chat_tokenizer
 from ext.errors import ConfigError
 
 from .conftest import DEBUG_CONFIG, TOKENIZER, read_summary, run_train
-from .test_chat_templates import trained_runs
-
-CHAT = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Repeat the word apple."},
-    {"role": "assistant", "content": "apple"},
-    {"role": "user", "content": "Is 7 even or odd?"},
-    {"role": "assistant", "content": "7 is odd."},
-]
+from .test_chat_templates import CHAT, trained_runs
 
 LLAMA3_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
