@@ -1052,40 +1052,61 @@ class Source:
         return False
 
     def _fill(self) -> bool:
-        """Encode the next batch of records into the queue; False at the end of the epoch."""
-        if self._chunk is None or self._chunk_at >= len(self._chunk.values):
-            if not self._next_chunk():
-                return False
-        chunk, a = self._chunk, self._chunk_at
-        b = min(a + _TOKENIZE_BATCH, len(chunk.values))
-        shard = self.shards[self.plan.file[int(self._mine[self._fill_k])]]
-        docs = self._encode(shard, chunk, a, b)
-        for i, doc in zip(range(a, b), docs):
-            self._queue.append((self._fill_k, self._chunk_base + i + 1, doc, chunk.locs[i]))
-        self._chunk_at = b
-        self._fill_pos = self._chunk_base + b
+        """Encode the next batch of records into the queue; False at the end of the epoch.
+
+        A batch gathers up to ``_TOKENIZE_BATCH`` records across chunks and
+        ranges: the tokenizer is fastest on large batches, and ranges of a
+        small source hold only a few records. Reading ahead changes no state:
+        a source's position is that of the last document taken from the queue.
+        """
+        spans = []  # (range k, chunk base, chunk, a, b, shard): records a..b-1 of a chunk
+        n = 0
+        while n < _TOKENIZE_BATCH:
+            if self._chunk is None or self._chunk_at >= len(self._chunk.values):
+                if not self._next_chunk():
+                    break
+            chunk, a = self._chunk, self._chunk_at
+            b = min(a + _TOKENIZE_BATCH - n, len(chunk.values))
+            shard = self.shards[self.plan.file[int(self._mine[self._fill_k])]]
+            spans.append((self._fill_k, self._chunk_base, chunk, a, b, shard))
+            n += b - a
+            self._chunk_at = b
+            self._fill_pos = self._chunk_base + b
+        if not spans:
+            return False
+        for (k, base, chunk, a, _, _), docs in zip(spans, self._encode(spans)):
+            for i, doc in enumerate(docs, start=a):
+                self._queue.append((k, base + i + 1, doc, chunk.locs[i]))
         return True
 
-    def _encode(self, shard: Shard, chunk: Chunk, a: int, b: int) -> list[np.ndarray | None]:
-        values = chunk.values[a:b]
-        good = [i for i, v in enumerate(values) if v is not None]
-        for i, v in enumerate(values):
-            if v is None:
-                self._skip(Skip(chunk.bad.get(a + i, "malformed"), bad=True), shard, chunk.locs[a + i])
-        if self.spec.holdout > 0:
-            good = [i for i in good if self._in_holdout(shard, values[i], chunk.locs[a + i]) == self.spec.heldout_only]
-        docs: list[np.ndarray | None] = [None] * len(values)
-        if shard.tokenized:
+    def _encode(self, spans: list[tuple]) -> list[list[np.ndarray | None]]:
+        """The documents of each span's records (None: skipped, counted, named),
+        with one tokenizer call for all spans."""
+        out: list[list[np.ndarray | None]] = []
+        todo: list[tuple[list[np.ndarray | None], int, Shard, Chunk, int, Any]] = []
+        for _, _, chunk, a, b, shard in spans:
+            values = chunk.values[a:b]
+            good = [i for i, v in enumerate(values) if v is not None]
+            for i, v in enumerate(values):
+                if v is None:
+                    self._skip(Skip(chunk.bad.get(a + i, "malformed"), bad=True), shard, chunk.locs[a + i])
+            if self.spec.holdout > 0:
+                good = [i for i in good
+                        if self._in_holdout(shard, values[i], chunk.locs[a + i]) == self.spec.heldout_only]
+            docs: list[np.ndarray | None] = [None] * len(values)
+            out.append(docs)
             for i in good:
-                docs[i] = values[i]
-            return docs
-        encoded = self._encode_values([values[i] for i in good])
-        for i, doc in zip(good, encoded):
+                if shard.tokenized:
+                    docs[i] = values[i]
+                else:
+                    todo.append((docs, i, shard, chunk, a, values[i]))
+        encoded = self._encode_values([t[-1] for t in todo]) if todo else []
+        for (docs, i, shard, chunk, a, _), doc in zip(todo, encoded):
             if isinstance(doc, Skip):
                 self._skip(doc, shard, chunk.locs[a + i])
             else:
                 docs[i] = doc
-        return docs
+        return out
 
     def _encode_values(self, values: list[Any]) -> list[np.ndarray | Skip]:
         try:
