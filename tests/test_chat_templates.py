@@ -387,3 +387,12 @@ def test_a_records_top_level_tools_reach_the_template_from_every_format(tmp_path
     with_tools, without = ChatDocEncoder(tok, spec).encode_batch(values)
     decode = lambda doc: tok.decode(doc & ((1 << 30) - 1))  # noqa: E731
     assert "get_weather" in decode(with_tools) and "get_weather" not in decode(without)
+
+
+def test_asking_for_generation_masks_without_tags_is_one_config_error():
+    from ext.errors import ConfigError
+
+    tok = tokenizer()
+    tok.chat_template = tok.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    with pytest.raises(ConfigError, match=r"no \{% generation %\} tags; use \"prefix\" or \"auto\""):
+        ChatEncoder(tok, mask_method="generation")
