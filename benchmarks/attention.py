@@ -43,9 +43,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ext.attention.masks import dense_mask, flex_block_mask, varlen_metadata  # noqa: E402
-from ext.models.llama3 import SegmentLlama3, SegmentLlama3Args  # noqa: E402
-from ext.models.segments import packed_varlen_attention  # noqa: E402
+from ext.model.masks import dense_mask, flex_block_mask, varlen_metadata  # noqa: E402
+from ext.model.llama3 import SegmentLlama3, SegmentLlama3Args  # noqa: E402
+from ext.model.segments import packed_varlen_attention  # noqa: E402
 
 
 def web_like_segments(batch: int, seq: int, seed: int = 0) -> torch.Tensor:
@@ -142,7 +142,7 @@ def interleaved_rounds(steps: dict[str, Callable[[], None]], rounds: int, n: int
 def varlen_output(attn_fn, q, k, v, segment_ids) -> torch.Tensor:
     """Attention of ``q, k, v`` (``[b, heads, s, head_dim]``) within the documents of
     ``segment_ids`` through ``attn_fn`` (``varlen_attn``'s signature), called as the
-    model calls it (:func:`ext.models.segments.packed_varlen_attention`: causal)."""
+    model calls it (:func:`ext.model.segments.packed_varlen_attention`: causal)."""
     b, heads, s, head_dim = q.shape
     out = packed_varlen_attention(attn_fn, q, k, v, varlen_meta(segment_ids))
     return out.view(b, s, heads, head_dim).transpose(1, 2)

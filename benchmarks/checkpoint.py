@@ -5,7 +5,7 @@
 
 Builds the flavor on the CPU with AdamW state (one optimizer step on zero
 gradients), then saves full checkpoints (model, optimizer, scheduler, train
-state) through ``ext.checkpoint.SafeCheckpointManager`` in a 1-process gloo
+state) through ``ext.training.checkpoint.SafeCheckpointManager`` in a 1-process gloo
 world, as the trainer does:
 
 - ``sync``: ``async_mode = "disabled"``: ``save()`` returns when the folder is
@@ -56,7 +56,7 @@ def main() -> None:
     from torchtitan.protocols.train_spec import get_train_spec
 
     import ext.job_config  # noqa: F401
-    from ext.checkpoint import SafeCheckpointManager, checkpoint_problem, write_manifest
+    from ext.training.checkpoint import SafeCheckpointManager, checkpoint_problem, write_manifest
     from ext.export import dcp_to_hf
 
     class TrainState:

@@ -46,7 +46,7 @@ from ext.data.config import Data  # noqa: E402
 from ext.data.dataset import PackedMixtureDataset  # noqa: E402
 from ext.data.encoders import TextEncoder  # noqa: E402
 from ext.data.holdout import in_holdout, plan_holdout  # noqa: E402
-from ext.eval import Eval, HeldOutValidator, undisturbed  # noqa: E402
+from ext.training.eval import Eval, HeldOutValidator, undisturbed  # noqa: E402
 
 CORPUS = REPO / "ext" / "assets" / "data" / "web.jsonl"
 TOKENIZER = REPO / "ext" / "assets" / "tokenizer"
@@ -112,7 +112,7 @@ def validator(extra: list[str]) -> HeldOutValidator:
 
 
 def tiny_model():
-    from ext.models.llama3 import SegmentLlama3, llama3_flavors
+    from ext.model.llama3 import SegmentLlama3, llama3_flavors
 
     args = llama3_flavors()["tiny"]
     args.max_seq_len, args.mask_backend = 256, "dense"

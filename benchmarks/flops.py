@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/flops.py [--docs 20000]
 
 For each case, training FLOPs (forward + backward) per token from
-``ext.flops.flops_report``: full causal rows of ``seq_len``, and a packed
+``ext.training.flops.flops_report``: full causal rows of ``seq_len``, and a packed
 batch of synthetic web-like documents (lognormal lengths, median 400 tokens,
 5% longer than 2048; best-fit packed into rows of ``seq_len + 1``), with
 attention within documents (document masking) or causal over the row.
@@ -11,7 +11,7 @@ attention within documents (document masking) or causal over the row.
 batches torchtitan counts every row token, padding included, ours the
 non-padding ones); ``mfu_palm_over_mfu_exact`` is how much higher a run's
 ``mfu_palm`` (the PaLM / torchtitan convention, per non-padding token) reads
-than its ``mfu_exact``. Then the time :func:`ext.flops.attention_counts` adds
+than its ``mfu_exact``. Then the time :func:`ext.data.counts.attention_counts` adds
 per row in the loader.
 
 Prints a table, then one JSON object as the last line:
@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from ext.cli import load_job_config  # noqa: E402
-from ext.flops import attention_counts, flops_report  # noqa: E402
+from ext.data.counts import attention_counts  # noqa: E402
+from ext.training.flops import flops_report  # noqa: E402
 
 CONFIG = str(REPO / "train_configs" / "llama3_8b_multisource.toml")
 CASES = [  # (label, extra config arguments)

@@ -12,7 +12,7 @@ started by then into ``"skipped: time budget"``:
 1. ``kernels``: flex and varlen attention within documents (several per row,
    web-like lognormal lengths) and within SkyLadder fragments (documents cut
    at a small window grid), grouped-query heads, forward and backward,
-   against dense SDPA with the same boolean mask (``ext.attention.masks``):
+   against dense SDPA with the same boolean mask (``ext.model.masks``):
    max abs difference of the output and of dq, dk, dv, in fp32 and bf16
    where the kernel takes them (bf16 results also against the fp32 dense
    reference, next to dense bf16's own difference from it, the noise floor).
@@ -217,9 +217,9 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def web_like_segments(batch: int, seq: int, seed: int = 0) -> torch.Tensor:
     """Segment ids ``[batch, seq]`` of rows filled with web-like documents:
     lognormal lengths (median 400 tokens per 2048 of row, 5% longer than a
-    row; ``ext.flops.web_like_lengths``, the packing benchmark's mix), the
+    row; ``ext.training.flops.web_like_lengths``, the packing benchmark's mix), the
     last document of each row cut at the row end."""
-    from ext.flops import web_like_lengths
+    from ext.training.flops import web_like_lengths
 
     rows = []
     for r in range(batch):
@@ -279,9 +279,9 @@ def _compare(got, want, prefix: str = "") -> dict[str, float]:
 
 
 def kernels_part(sizes: Sizes) -> dict:
-    from ext.attention.masks import dense_mask, flex_block_mask, varlen_metadata
-    from ext.attention.skyladder import fragment_segments
-    from ext.models.segments import packed_varlen_attention
+    from ext.model.masks import dense_mask, flex_block_mask, varlen_metadata
+    from ext.data.skyladder import fragment_segments
+    from ext.model.segments import packed_varlen_attention
     from torchtitan.models.attention import VarlenMetadata
 
     device = torch.device(sizes.device)
@@ -307,7 +307,7 @@ def kernels_part(sizes: Sizes) -> dict:
     result: dict[str, Any] = {
         "shape": {"batch": B, "seq": S, "heads": H, "kv_heads": Hkv, "head_dim": D},
         "flex_kernel": flex_kernel, "varlen_kernel": varlen_kernel,
-        "reference": "F.scaled_dot_product_attention with ext.attention.masks.dense_mask",
+        "reference": "F.scaled_dot_product_attention with ext.model.masks.dense_mask",
         "cases": {},
     }
     g = torch.Generator().manual_seed(0)
@@ -576,7 +576,7 @@ def training_part(sizes: Sizes, clock: Clock, tmp: Path, log_dir: Path) -> dict:
 def moe_part(sizes: Sizes) -> dict:
     from torchtitan.models.moe.moe import GroupedExperts
 
-    from ext.models.qwen3 import SegmentQwen3, qwen3_flavors
+    from ext.model.qwen3 import SegmentQwen3, qwen3_flavors
 
     device = torch.device(sizes.device)
     args = qwen3_flavors()[sizes.moe_flavor]
@@ -670,7 +670,7 @@ def loss_check_part(sizes: Sizes, clock: Clock, tmp: Path, log_dir: Path) -> dic
 
 
 def device_info(sizes: Sizes) -> dict:
-    from ext.flops import resolve_peak
+    from ext.training.flops import resolve_peak
 
     info: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda,
                             "cpu_count": os.cpu_count()}
@@ -723,7 +723,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Sizes
     if "warmup" in changes and changes["warmup"] < 1:
         parser.error("--warmup must be at least 1 (step 1 compiles and is never timed)")
     sizes = replace(sizes, **changes)
-    from ext.models.llama3 import llama3_flavors
+    from ext.model.llama3 import llama3_flavors
 
     if sizes.flavor not in llama3_flavors():
         parser.error(f"--flavor {sizes.flavor!r} is not an ext_llama3 flavor; use one of "

@@ -1,7 +1,7 @@
 """MoE layer forward + backward: grouped GEMM experts vs the per-expert loop.
 
 One MoE layer as ``ext_qwen3`` builds it (torchtitan's router and MoE with
-:class:`ext.models.moe.Experts`): 128 experts, 8 per token, softmax
+:class:`ext.model.moe.Experts`): 128 experts, 8 per token, softmax
 routing with renormalized top-k, as in Qwen3-30B-A3B, on ``--tokens``
 tokens of random activations. On a GPU the layer has Qwen3-30B-A3B's
 widths (dim 2048, experts 768) and 16384 tokens; a CPU gets a quarter of
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from torchtitan.models.moe import MoEArgs  # noqa: E402
 
-from ext.models.moe import RoutedMoE  # noqa: E402
+from ext.model.moe import RoutedMoE  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

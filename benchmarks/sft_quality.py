@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from ext.data.chat import ChatEncoder  # noqa: E402
 from ext.data.encoders import load_chat_tokenizer  # noqa: E402
-from ext.models.llama3 import SegmentLlama3, llama3_flavors  # noqa: E402
+from ext.model.llama3 import SegmentLlama3, llama3_flavors  # noqa: E402
 
 CONFIG = REPO / "train_configs" / "debug_sft.toml"
 HELDOUT = REPO / "ext" / "assets" / "data" / "sft_heldout.jsonl"

@@ -42,7 +42,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ext.errors import ConfigError
+from ext.core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -185,7 +185,7 @@ def _needs_config(command: str, config_argv: list[str]) -> None:
 
 
 def _lr_schedule(args: argparse.Namespace, config_argv: list[str]) -> int:
-    from ext.scheduler import resolve_schedule
+    from ext.training.scheduler import resolve_schedule
 
     _needs_config("lr-schedule", config_argv)
     cfg = load_job_config(config_argv)
@@ -230,7 +230,7 @@ def _flops_arguments(parser: argparse.ArgumentParser) -> None:
 def _flops(args: argparse.Namespace, config_argv: list[str]) -> int:
     import json
 
-    from ext.flops import flops_report
+    from ext.training.flops import flops_report
 
     _needs_config("flops", config_argv)
     r = flops_report(load_job_config(config_argv), args.packed, docs=args.docs, rows=args.rows)
@@ -311,18 +311,18 @@ def _check(args: argparse.Namespace, config_argv: list[str]) -> int:
     cfg = load_job_config(["--job.config_file", args.config_file, *config_argv])
     problems = check(cfg)
     try:
-        from ext.memory import estimate
+        from ext.training.memory import estimate
         from ext.preflight import Launch
 
         launch = Launch.from_env()
         memory = estimate(cfg, launch.world_size, launch.local_world_size, launch.cuda)
         if memory is not None:
             print(memory.line())
-        from ext.memory import launch_notes
+        from ext.training.memory import launch_notes
 
         for note in launch_notes(cfg, launch.world_size, launch.local_world_size, launch.cuda):
             print(note, file=sys.stderr)
-        from ext.eval import eval_read_note
+        from ext.training.eval import eval_read_note
 
         others = cfg.parallelism.tensor_parallel_degree * cfg.parallelism.pipeline_parallel_degree \
             * cfg.parallelism.context_parallel_degree
@@ -393,7 +393,7 @@ def _tokenize_arguments(parser: argparse.ArgumentParser) -> None:
 def _tokenize(args: argparse.Namespace, config_argv: list[str]) -> int:
     """``tokenize``: a source -> a token folder (see :mod:`ext.data.tokenized`)."""
     from ext.data.tokenized import summary_line, tokenize_source
-    from ext.errors import DataError, one_line
+    from ext.core.errors import DataError, one_line
 
     cfg = load_job_config(["--job.config_file", args.config_file, *config_argv])
     if getattr(cfg, "sft", None) is not None and cfg.sft.enable:
@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         ))
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     command = COMMANDS[args.command]
-    from ext.logs import quiet_known_noise
+    from ext.core.logs import quiet_known_noise
 
     quiet_known_noise()  # e.g. torchtitan's unprefixed "Warmup steps (N) exceed total steps" from the check
     if rest and not command.config_args:

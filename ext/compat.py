@@ -6,12 +6,14 @@ and dev builds after it that keep its API. 0.2.1 lacks modules we import
 TOML configs and train-spec registry. A fork may still have renamed or
 removed something we subclass, override, patch or call, which would
 otherwise fail deep inside a run. :func:`check_torchtitan` looks every such
-name up when ``ext.job_config`` is imported (every entry point imports it
-first) and ends the process with one line naming what is missing.
+name up in :func:`ext.plugin.install` (``ext.job_config`` calls it, and
+every entry point imports that first) and ends the process with one line naming what is missing.
 
-:data:`API` is the list: ``module`` -> names, where ``Class.method`` is a
-method we override or call. Add to it when the code starts to rely on
-another torchtitan name.
+:data:`API` is the list of names we subclass, override or call: ``module``
+-> names, where ``Class.method`` is a method. The names we replace at run
+time are listed once, in :data:`ext.plugin.PATCHES`;
+:func:`ext.plugin.required_api` joins both. Add to them when the code starts to rely on another torchtitan
+name.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ API: dict[str, tuple[str, ...]] = {
         "main", "ConfigManager",
     ),
     "torchtitan.components.checkpoint": (
-        "CheckpointManager.__init__", "CheckpointManager.save", "CheckpointManager.load",
+        "CheckpointManager.save", "CheckpointManager.load",
         "CheckpointManager._should_save", "CheckpointManager.dcp_save", "CheckpointManager._async_wait",
         "CheckpointManager.close", "CheckpointManager._purge_stale_checkpoints",
         "CheckpointManager._find_load_step", "CheckpointManager._create_checkpoint_id",
@@ -37,7 +39,7 @@ API: dict[str, tuple[str, ...]] = {
     "torchtitan.components.dataloader": ("ParallelAwareDataloader", "DataloaderExhaustedError"),
     "torchtitan.components.metrics": (
         "MetricsProcessor.should_log", "MetricsProcessor.log", "MetricsProcessor.log_validation",
-        "MetricsProcessor.close", "device_type",
+        "MetricsProcessor.close",
     ),
     "torchtitan.components.validate": ("BaseValidator.validate", "BaseValidator.should_validate",
                                        "build_validator"),
@@ -52,12 +54,8 @@ API: dict[str, tuple[str, ...]] = {
     "torchtitan.models.moe": ("MoE", "MoEArgs"),
     "torchtitan.models.moe.moe": ("GroupedExperts",),
     "torchtitan.distributed": ("ParallelDims",),
-    "torchtitan.distributed.utils": ("set_pg_timeouts",),
-    "torchtitan.distributed.parallel_dims": ("device_type",),
     "torchtitan.distributed.pipeline_parallel": ("pipeline_llm",),
     "torchtitan.distributed.context_parallel": ("prepare_context_parallel_input",),
-    "torchtitan.tools.utils": ("get_peak_flops", "device_type"),
-    "torchtitan.tools.profiling": ("device_module",),
     "torchtitan.hf_datasets.text_datasets": ("build_text_dataloader", "DATASETS"),
 }
 
@@ -84,10 +82,11 @@ def missing_api(api: dict[str, tuple[str, ...]] = API) -> list[str]:
 _MISSING = object()
 
 
-def check_torchtitan() -> None:
+def check_torchtitan(api: dict[str, tuple[str, ...]] = API) -> None:
     """End the process (exit 2, one line on stderr) when the installed
-    torchtitan lacks any name of :data:`API`."""
-    missing = missing_api()
+    torchtitan lacks any name of ``api`` (:func:`ext.plugin.required_api`
+    when called by the install step)."""
+    missing = missing_api(api)
     if not missing:
         return
     import torchtitan

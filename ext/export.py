@@ -38,7 +38,7 @@ How:
   config) writes it anyway, without the biases, with a warning. Models
   balanced by ``[moe] aux_loss_coeff`` (the default) have no biases and
   export exactly.
-- ``config.json`` comes from :func:`ext.models.hf.hf_config_for`
+- ``config.json`` comes from :func:`ext.model.hf.hf_config_for`
   (``max_position_embeddings`` is the flavor's released context, not
   ``training.seq_len``); token ids and
   the tokenizer files from ``[model] hf_assets_path`` (or ``--tokenizer``).
@@ -65,14 +65,9 @@ import tempfile
 import warnings
 from typing import Any
 
-from ext.errors import ConfigError
+from ext.core.errors import ConfigError
+from ext.model.hf import write_hf_metadata
 
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
-    "chat_template.json",
-)
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 DTYPES = ("float32", "bfloat16")
 PROGRESS_MIN_BYTES = 256 * 2**20
 _LAYER = re.compile(r"layers\.(\d+)\.")
@@ -89,89 +84,12 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[(match.group(2) or "b").lower()])
 
 
-# ------------------------------------------------------------------ metadata
-
-
-def _token_ids(tokenizer_dir: str | None) -> dict[str, Any]:
-    """BOS/EOS/PAD ids of a tokenizer folder and the ids generation stops at."""
-    if not tokenizer_dir or not any(
-        os.path.isfile(os.path.join(tokenizer_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json")
-    ):
-        return {}
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
-           "pad_token_id": tok.pad_token_id}
-    template = tok.chat_template if isinstance(tok.chat_template, str) else ""
-    stops = [ids["eos_token_id"]] if ids["eos_token_id"] is not None else []
-    for token in END_OF_TURN_TOKENS:
-        token_id = tok.convert_tokens_to_ids(token)
-        if token in template and isinstance(token_id, int) and token_id != tok.unk_token_id \
-                and token_id not in stops:
-            stops.append(token_id)
-    ids["stop_ids"] = stops
-    return ids
-
-
-def write_hf_metadata(
-    out: str,
-    model_args: Any,
-    *,
-    dtype: Any,
-    tokenizer_dir: str | None,
-    model_name: str | None = None,
-) -> list[str]:
-    """Write ``config.json``, ``generation_config.json`` and the tokenizer files
-    into ``out`` (which holds the safetensors). ``model_name`` is the train spec
-    (None: ours for the class of ``model_args``). Returns the tokenizer files copied."""
-    from transformers import GenerationConfig
-
-    from ext.models.hf import hf_config_for
-
-    if model_name is None:
-        model_name = _model_name_for_args(model_args)
-    dtype_name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
-    ids = _token_ids(tokenizer_dir)
-    config = hf_config_for(
-        model_name, model_args, dtype=dtype_name,
-        bos_token_id=ids.get("bos_token_id"), eos_token_id=ids.get("eos_token_id"),
-        pad_token_id=ids.get("pad_token_id"),
-    )
-    config.save_pretrained(out)
-    stops = ids.get("stop_ids") or []
-    generation = GenerationConfig(
-        bos_token_id=ids.get("bos_token_id"),
-        eos_token_id=stops[0] if len(stops) == 1 else (stops or None),
-        pad_token_id=ids.get("pad_token_id"),
-    )
-    generation.save_pretrained(out)
-    copied = []
-    for name in TOKENIZER_FILES:
-        src = os.path.join(tokenizer_dir or "", name)
-        if tokenizer_dir and os.path.isfile(src):
-            shutil.copyfile(src, os.path.join(out, name))
-            copied.append(name)
-    return copied
-
-
-def _model_name_for_args(model_args: Any) -> str:
-    from torchtitan.models.llama3 import TransformerModelArgs
-    from torchtitan.models.qwen3.model.args import Qwen3ModelArgs
-
-    if isinstance(model_args, Qwen3ModelArgs):
-        return "ext_qwen3"
-    if isinstance(model_args, TransformerModelArgs):
-        return "ext_llama3"
-    raise ConfigError(f"no Hugging Face mapping for model args {type(model_args).__name__}")
-
-
 # ------------------------------------------------------------------ checkpoint
 
 
 def resolve_checkpoint(path: str) -> str:
     """A committed DCP step folder: ``path`` itself, or the newest one under it."""
-    from ext.checkpoint import DCP_COMMIT, HF_COMMIT, checkpoint_kind, step_folders
+    from ext.training.checkpoint import DCP_COMMIT, HF_COMMIT, checkpoint_kind, step_folders
 
     if not os.path.isdir(path):
         raise ConfigError(f"--checkpoint {path} is not a folder; give a step-N checkpoint folder")
@@ -223,7 +141,7 @@ def _load(checkpoint: str, meta: dict[str, Any], keys: list[str]) -> dict[str, A
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # DCP's CheckpointException is a BaseException
-        from ext.checkpoint import _cause
+        from ext.training.checkpoint import _cause
 
         raise ConfigError(f"--checkpoint {checkpoint} could not be read ({_cause(exc)})") from None
     return state
@@ -249,7 +167,7 @@ def identify_model(checkpoint: str, meta: dict[str, Any]) -> tuple[str, str, Any
     import torch
     from torchtitan.protocols.train_spec import _extra_train_specs
 
-    from ext.models.hf import hf_config_for
+    from ext.model.hf import hf_config_for
 
     shapes = {k: tuple(v.size) for k, v in meta.items()}
     embed = shapes.get("tok_embeddings.weight")
@@ -415,7 +333,7 @@ def dcp_to_hf(
     from torchtitan.protocols.train_spec import get_train_spec
     from tqdm import tqdm
 
-    from ext.models.tying import is_tied
+    from ext.model.tying import is_tied
 
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")

@@ -4,27 +4,25 @@ Name this module in ``[job] custom_config_module = "ext.job_config"`` (or
 ``--job.custom_config_module ext.job_config``): torchtitan's ConfigManager
 imports it, merges the dataclasses below into its own (same-name sections
 field by field, new sections added) and validates TOML keys against the
-result. Importing it also registers our train specs and, on hosts without
-an accelerator, the CPU support of :mod:`ext.device`, so a stock
+result. Importing it runs the plugin's install step once
+(:func:`ext.plugin.install`: the torchtitan API check, the patches listed
+in :data:`ext.plugin.PATCHES`, our train specs), so a stock
 ``torchtitan.train`` picks everything up with no code change.
 """
 
 from dataclasses import dataclass, field
 
-from ext.compat import check_torchtitan
+import ext.plugin
 
-check_torchtitan()  # a fork without the API we build on stops here, with one line
+ext.plugin.install()  # checks torchtitan first: a fork without the API we build on stops here, with one line
 
-from ext.attention.config import Attention, SkyLadder
-from ext.checkpoint import install_checkpoint_manager
-from ext.data.config import Data, Sft
-from ext.device import install_cpu_support
-from ext.eval import Eval
-from ext.seeding import install as install_seeding
-from ext.models import register_all as _register_specs
-from ext.models.moe import MoEConfig
-from ext.scheduler import LRScheduler
-from ext.trainer import InputPipeline, Preemption
+from ext.data.config import Data, Sft  # noqa: E402
+from ext.data.skyladder import SkyLadder  # noqa: E402
+from ext.model.attention import Attention  # noqa: E402
+from ext.model.moe import MoEConfig  # noqa: E402
+from ext.training.eval import Eval  # noqa: E402
+from ext.training.scheduler import LRScheduler  # noqa: E402
+from ext.training.trainer import InputPipeline, Preemption  # noqa: E402
 
 
 @dataclass
@@ -44,7 +42,7 @@ class Metrics:
     Dense peak of one device in TFLOP/s, the denominator of MFU (bf16, or fp8
     when a float8/MX converter is on). 0: detect it from the device name
     (A100, H100 SXM/NVL/PCIe, H200, B200, MI300X, MI325X, MI355X; see
-    ext/flops.py); on other devices, the CPU included, MFU is shown as n/a.
+    ext/training/flops.py); on other devices, the CPU included, MFU is shown as n/a.
     """
 
 
@@ -63,8 +61,3 @@ class JobConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     eval: Eval = field(default_factory=Eval)
 
-
-install_cpu_support()
-install_seeding()
-install_checkpoint_manager()
-_register_specs()

@@ -54,7 +54,7 @@ outlasted ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` and the ranks were killed."""
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PET_SIGNALS_TO_HANDLE", SIGNALS_TO_HANDLE)
-    # the ranks write into pipes: tell them whether the console is a terminal (ext.logs.use_color)
+    # the ranks write into pipes: tell them whether the console is a terminal (ext.core.logs.use_color)
     os.environ.setdefault("EXT_COLOR", "1" if sys.stdout.isatty() else "0")
     args = parse_args(sys.argv[1:] if argv is None else argv)
     with tempfile.TemporaryDirectory(prefix="ext-stop-") as reports:

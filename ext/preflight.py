@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Literal
 
 import torch
 
-from ext.errors import ConfigError
+from ext.core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,7 @@ def data_sources(cfg: Any, launch: Launch) -> Iterator[str]:
             yield f"[data] source {spec.name!r}: {unreadable[0]} is not readable; fix its permissions"
             continue
         if spec.kind == "hub":  # cached, or the Hub reachable; its records are checked when loading
-            from ext.offline import hub_problem
+            from ext.core.offline import hub_problem
 
             problem = hub_problem(spec.name, spec.location)
             if problem:
@@ -300,8 +300,8 @@ def sizes_and_layout(cfg: Any, launch: Launch) -> Iterator[str]:
 
 @check_fn
 def memory_fits(cfg: Any, launch: Launch) -> Iterator[str]:
-    """The estimate of :mod:`ext.memory` against the device's memory (RAM per process on CPU)."""
-    from ext.memory import GiB, estimate
+    """The estimate of :mod:`ext.training.memory` against the device's memory (RAM per process on CPU)."""
+    from ext.training.memory import GiB, estimate
 
     est = estimate(cfg, launch.world_size, launch.local_world_size, launch.cuda)
     if est is None or not est.device_bytes or est.total_bytes <= est.device_bytes:
@@ -319,7 +319,7 @@ def memory_fits(cfg: Any, launch: Launch) -> Iterator[str]:
 @check_fn
 def moe_settings(cfg: Any, launch: Launch) -> Iterator[str]:
     """``[moe]`` values, and a ``last_save_in_hf`` that could not hold routing biases."""
-    from ext.models.moe import moe_args_from_config
+    from ext.model.moe import moe_args_from_config
 
     try:
         args = _spec(cfg).model_args.get(cfg.model.flavor)
@@ -336,8 +336,8 @@ def moe_settings(cfg: Any, launch: Launch) -> Iterator[str]:
 
 @check_fn
 def attention_settings(cfg: Any, launch: Launch) -> Iterator[str]:
-    from ext.attention.config import masking_requested, resolve_backend
-    from ext.attention.skyladder import validate_skyladder
+    from ext.data.skyladder import masking_requested, validate_skyladder
+    from ext.model.attention import resolve_backend
 
     sky = cfg.skyladder
     if sky.enable and not cfg.data.datasets:
@@ -354,9 +354,16 @@ def attention_settings(cfg: Any, launch: Launch) -> Iterator[str]:
 
 @check_fn
 def lr_schedule(cfg: Any, launch: Launch) -> Iterator[str]:
-    from ext.scheduler import resolve_schedule
+    from ext.training.scheduler import resolve_schedule
 
     if cfg.optimizer.lr <= 0:
         yield f"[optimizer] lr = {cfg.optimizer.lr}: must be > 0"
         return
     resolve_schedule(cfg.lr_scheduler, cfg.training.steps, cfg.optimizer.lr)
+
+
+# Checks that live with the component they check, after the ones above.
+from ext.training.eval import eval_settings  # noqa: E402
+from ext.training.flops import peak_setting  # noqa: E402
+
+CHECKS += [eval_settings, peak_setting]

@@ -5,7 +5,7 @@ Command-line arguments are torchtitan's (``--section.key value``). When
 neither the command line nor the TOML names a ``[job] custom_config_module``,
 ``ext.job_config`` is added so that our sections parse; a module named by the
 user is left alone (it can extend ours by importing it). The trainer is
-:class:`ext.trainer.Trainer` (torchtitan's with the ``[input_pipeline]`` prefetch).
+:class:`ext.training.trainer.Trainer` (torchtitan's with the ``[input_pipeline]`` prefetch).
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from torchtitan.config import ConfigManager
 from torchtitan.tools.logging import logger
 from torchtitan.train import main
 
-from ext.checkpoint import Preempted
-from ext.errors import ConfigError, DataError, one_line
+from ext.training.checkpoint import Preempted
+from ext.core.errors import ConfigError, DataError, one_line
 from ext.launch import STOP_REPORT_ENV
-from ext.logs import quiet_known_noise
-from ext.trainer import Trainer  # torchtitan's, plus the [input_pipeline] prefetch
+from ext.core.logs import quiet_known_noise
+from ext.training.trainer import Trainer  # torchtitan's, plus the [input_pipeline] prefetch
 
 CONFIG_MODULE = "ext.job_config"
 

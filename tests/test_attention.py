@@ -11,10 +11,10 @@ import torch
 from torch.nn.attention.flex_attention import create_block_mask
 
 import ext.job_config  # noqa: F401
-from ext.attention.config import SkyLadder
-from ext.attention.masks import dense_mask, segment_mask_mod, varlen_allowed_pairs, varlen_metadata
-from ext.attention.skyladder import WindowClock, fragment_segments, skyladder_window
-from ext.models.llama3 import SegmentLlama3, SegmentLlama3Args
+from ext.data.skyladder import SkyLadder
+from ext.model.masks import dense_mask, segment_mask_mod, varlen_allowed_pairs, varlen_metadata
+from ext.data.skyladder import WindowClock, fragment_segments, skyladder_window
+from ext.model.llama3 import SegmentLlama3, SegmentLlama3Args
 
 from .conftest import DEBUG_CONFIG, read_summary, run_train
 
@@ -189,7 +189,7 @@ def test_varlen_model_runs_grouped_query_attention():
     kernel is CUDA-only, so this runs the model on the meta device (shapes only)."""
     from torch.nn.attention.varlen import varlen_attn
 
-    from ext.models.segments import GQAVarlenAttention
+    from ext.model.segments import GQAVarlenAttention
 
     seg = segment_ids_of([50, 30, 100, 76])[None].repeat(2, 1)
     with torch.device("meta"):
@@ -324,8 +324,8 @@ def test_rounding_never_keeps_the_schedule_from_reaching_the_full_window():
 
 
 def test_rounding_larger_than_the_full_window_is_refused():
-    from ext.attention.skyladder import validate_skyladder
-    from ext.errors import ConfigError
+    from ext.data.skyladder import validate_skyladder
+    from ext.core.errors import ConfigError
 
     cfg = SkyLadder(enable=True, init_window=32, rounding=512)
     with pytest.raises(ConfigError, match=r"rounding = 512 exceeds the full window 256"):
@@ -357,7 +357,7 @@ def test_a_batch_without_segment_ids_is_one_causal_document_per_row(backend):
 
 
 def flex_block_mask_of(segment_ids: torch.Tensor):
-    from ext.attention.masks import flex_block_mask
+    from ext.model.masks import flex_block_mask
 
     return flex_block_mask(segment_ids)
 

@@ -390,7 +390,7 @@ def test_a_records_top_level_tools_reach_the_template_from_every_format(tmp_path
 
 
 def test_asking_for_generation_masks_without_tags_is_one_config_error():
-    from ext.errors import ConfigError
+    from ext.core.errors import ConfigError
 
     tok = tokenizer()
     tok.chat_template = tok.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")

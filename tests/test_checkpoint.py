@@ -1,5 +1,5 @@
 """Checkpoints: one async save in flight, failures reported, kill-safe purging
-and resume (ext/checkpoint.py), and exact resume of a real run after SIGKILL."""
+and resume (ext/training/checkpoint.py), and exact resume of a real run after SIGKILL."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def _manager(folder: Path, step_state: _Counter | None = None, **checkpoint):
     from torchtitan.components.optimizer import OptimizersContainer
     from torchtitan.config import Checkpoint
 
-    from ext.checkpoint import SafeCheckpointManager
+    from ext.training.checkpoint import SafeCheckpointManager
 
     torch.manual_seed(0)
     model = nn.Linear(4, 4)
@@ -69,7 +69,7 @@ def _manager(folder: Path, step_state: _Counter | None = None, **checkpoint):
 
 
 def _steps(folder: Path) -> list[int]:
-    from ext.checkpoint import step_folders
+    from ext.training.checkpoint import step_folders
 
     return sorted(step_folders(str(folder / "checkpoint")))
 
@@ -81,7 +81,7 @@ def _interrupted_save(path: Path) -> None:
 
 
 def test_close_waits_for_the_save_in_flight(tmp_path, process_group):
-    from ext.checkpoint import checkpoint_kind
+    from ext.training.checkpoint import checkpoint_kind
 
     manager = _manager(tmp_path, async_mode="async", interval=1)
     manager.save(1)
@@ -92,7 +92,7 @@ def test_close_waits_for_the_save_in_flight(tmp_path, process_group):
 
 
 def test_a_failed_background_save_is_reported_with_its_folder_and_cause(tmp_path, process_group):
-    from ext.checkpoint import CheckpointSaveError
+    from ext.training.checkpoint import CheckpointSaveError
 
     (tmp_path / "checkpoint").mkdir()
     (tmp_path / "checkpoint" / "step-2").write_text("a file where the save's folder must go")
@@ -104,7 +104,7 @@ def test_a_failed_background_save_is_reported_with_its_folder_and_cause(tmp_path
 
 
 def test_purge_counts_committed_checkpoints_and_the_save_in_flight_only(tmp_path, process_group):
-    from ext.checkpoint import is_committed
+    from ext.training.checkpoint import is_committed
 
     manager = _manager(tmp_path, async_mode="async", interval=1, keep_latest_k=2)
     manager.save(1)
@@ -117,7 +117,7 @@ def test_purge_counts_committed_checkpoints_and_the_save_in_flight_only(tmp_path
 
 
 def test_resume_takes_the_newest_full_checkpoint_and_says_what_it_skipped(tmp_path, process_group, caplog):
-    from ext.checkpoint import checkpoint_kind
+    from ext.training.checkpoint import checkpoint_kind
 
     trained = _Counter()
     manager = _manager(tmp_path, step_state=trained, interval=1)
@@ -138,7 +138,7 @@ def test_resume_takes_the_newest_full_checkpoint_and_says_what_it_skipped(tmp_pa
 
 
 def test_a_folder_with_weights_only_is_an_error_not_a_fresh_start(tmp_path, process_group):
-    from ext.errors import ConfigError
+    from ext.core.errors import ConfigError
 
     manager = _manager(tmp_path, interval=5)
     manager.save(3, last_step=True)  # model-only
@@ -150,7 +150,7 @@ def test_a_folder_with_weights_only_is_an_error_not_a_fresh_start(tmp_path, proc
 
 
 def test_saving_a_step_again_first_invalidates_the_old_save(tmp_path, process_group):
-    from ext.checkpoint import CheckpointSaveError, checkpoint_kind
+    from ext.training.checkpoint import CheckpointSaveError, checkpoint_kind
 
     step1 = tmp_path / "checkpoint" / "step-1"
     manager = _manager(tmp_path, interval=1)
@@ -313,7 +313,7 @@ def terminated_and_resumed(killed_and_resumed, tmp_path_factory):
 
 @pytest.mark.slow
 def test_sigterm_saves_the_step_reached_and_the_rerun_continues_exactly(terminated_and_resumed):
-    from ext.checkpoint import checkpoint_kind
+    from ext.training.checkpoint import checkpoint_kind
 
     log = terminated_and_resumed["log"]
     assert terminated_and_resumed["code"] == 128 + signal.SIGTERM, log[-4000:]
@@ -346,7 +346,7 @@ def _rank_pid(launcher: int, rank: int) -> int:
 
 @pytest.mark.slow
 def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step_with_one_checkpoint(tmp_path):
-    from ext.checkpoint import checkpoint_kind
+    from ext.training.checkpoint import checkpoint_kind
 
     dump, log = tmp_path / "run", tmp_path / "run.log"
     proc = _start([
@@ -369,7 +369,7 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step_with_one_chec
 
 
 def test_signal_stop_notes_the_first_signal_and_says_what_was_saved(tmp_path):
-    from ext.checkpoint import STOP_SIGNALS, SignalStop, stop_on_signal
+    from ext.training.checkpoint import STOP_SIGNALS, SignalStop, stop_on_signal
 
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
@@ -396,7 +396,7 @@ def test_signal_stop_notes_the_first_signal_and_says_what_was_saved(tmp_path):
 
 
 def test_keep_latest_k_counts_full_checkpoints_and_keeps_the_final_weights_besides(tmp_path, process_group):
-    from ext.checkpoint import checkpoint_kind
+    from ext.training.checkpoint import checkpoint_kind
 
     manager = _manager(tmp_path, interval=1, keep_latest_k=2)
     for step in (1, 2, 3, 4):
@@ -430,7 +430,7 @@ def _resume(tmp_path: Path) -> int:
 def test_each_commit_writes_a_manifest_of_sizes_and_checksums(tmp_path, process_group, async_mode):
     import zlib
 
-    from ext.checkpoint import MANIFEST
+    from ext.training.checkpoint import MANIFEST
 
     folder = _saved(tmp_path, async_mode=async_mode) / "step-2"
     files = json.loads((folder / MANIFEST).read_text())["files"]
@@ -455,7 +455,7 @@ def test_a_flipped_byte_in_the_newest_checkpoint_falls_back_to_the_previous_one(
 
 
 def test_a_truncated_data_file_is_caught_without_a_manifest(tmp_path, process_group, caplog):
-    from ext.checkpoint import MANIFEST
+    from ext.training.checkpoint import MANIFEST
 
     folder = _saved(tmp_path)
     (folder / "step-2" / MANIFEST).unlink()  # as an older checkpoint has none
@@ -475,7 +475,7 @@ def test_a_truncated_metadata_file_is_named_as_corrupted_not_interrupted(tmp_pat
 
 
 def test_an_intact_checkpoint_with_or_without_manifest_loads(tmp_path, process_group):
-    from ext.checkpoint import MANIFEST
+    from ext.training.checkpoint import MANIFEST
 
     folder = _saved(tmp_path)
     assert _resume(tmp_path) == 2
@@ -502,7 +502,7 @@ def test_a_full_disk_is_named_with_the_space_needed(tiny_disk, process_group, as
     from torchtitan.components.optimizer import OptimizersContainer
     from torchtitan.config import Checkpoint
 
-    from ext.checkpoint import CheckpointSaveError, SafeCheckpointManager
+    from ext.training.checkpoint import CheckpointSaveError, SafeCheckpointManager
 
     model = nn.Linear(256, 256)  # 257 KB of weights: more than the disk holds
     optimizers = OptimizersContainer([model], torch.optim.AdamW, {"lr": 1e-3})

@@ -29,8 +29,12 @@ def test_the_declared_range_takes_0_2_2_and_later_0_2_forks_but_not_0_2_1_or_0_3
 
 def test_the_installed_torchtitan_has_every_name_we_build_on():
     from ext.compat import missing_api
+    from ext.plugin import required_api
 
-    assert missing_api() == []
+    api = required_api()
+    assert "CheckpointManager.__init__" in api["torchtitan.components.checkpoint"]  # from PATCHES
+    assert "get_peak_flops" in api["torchtitan.tools.utils"]
+    assert missing_api(api) == []
 
 
 def _fork(tmp_path: Path, edit: str, old: str, new: str) -> Path:

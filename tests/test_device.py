@@ -8,7 +8,7 @@ import torchtitan.distributed.parallel_dims as tt_parallel_dims
 import torchtitan.tools.utils as tt_utils
 
 import ext.job_config  # noqa: F401  (installs CPU support on CPU-only hosts)
-from ext.device import CpuDeviceModule, accelerator_present, install_cpu_support
+from ext.core.device import CpuDeviceModule, accelerator_present, install_cpu_support
 
 cpu_only = pytest.mark.skipif(accelerator_present(), reason="checks the CPU-only path")
 

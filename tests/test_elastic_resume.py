@@ -219,7 +219,7 @@ def _trained(folder: Path, ranks: int, batches_per_rank: int) -> Counter:
 @pytest.mark.parametrize("old,new", [((2, 2), (1, 1)), ((1, 2), (2, 1)), ((2, 1), (2, 3))],
                          ids=lambda x: f"{x[0]}x{x[1]}")
 def test_a_real_run_resumed_on_another_layout_trains_every_document_once(tmp_path, monkeypatch, old, new):
-    from ext.attention.skyladder import skyladder_window
+    from ext.data.skyladder import skyladder_window
 
     from .conftest import read_summary, run_train
 
@@ -244,7 +244,7 @@ def test_a_real_run_resumed_on_another_layout_trains_every_document_once(tmp_pat
     # the SkyLadder window follows the global optimizer step across the change
     history = read_summary(dump)["history"]
     assert [e["step"] for e in history] == list(range(STEP + 1, STEPS + 1))
-    from ext.attention.config import SkyLadder
+    from ext.data.skyladder import SkyLadder
 
     sky = SkyLadder(enable=True, schedule="sin", init_window=32, horizon_steps=5, rounding=16)
     for entry in history:

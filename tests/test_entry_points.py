@@ -60,7 +60,7 @@ def test_torchtitans_manager_class_builds_the_safe_one_and_a_forks_subclass_is_l
     import ext.job_config  # noqa: F401
     from torchtitan.components.checkpoint import CheckpointManager
 
-    from ext.checkpoint import SafeCheckpointManager, install_checkpoint_manager
+    from ext.training.checkpoint import SafeCheckpointManager, install_checkpoint_manager
 
     assert install_checkpoint_manager() is True  # idempotent
     assert CheckpointManager.__init__.__wrapped__.__qualname__ == "CheckpointManager.__init__"
@@ -105,7 +105,7 @@ def test_sigusr1_to_the_launcher_reaches_the_rank_which_saves_and_stops(tmp_path
     which used to kill the launcher at once and leave the rank training."""
     import signal
 
-    from ext.checkpoint import checkpoint_kind
+    from ext.training.checkpoint import checkpoint_kind
 
     code, log = _signal_run(tmp_path, signal.SIGUSR1)
     assert code == 128 + signal.SIGUSR1, log[-4000:]

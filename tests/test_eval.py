@@ -26,8 +26,8 @@ from ext.data.dataset import PackedMixtureDataset
 from ext.data.encoders import TextEncoder
 from ext.data.holdout import plan_holdout
 from ext.data.loader import build_packed_dataloader
-from ext.errors import ConfigError
-from ext.eval import Eval, HeldOutValidator, undisturbed
+from ext.core.errors import ConfigError
+from ext.training.eval import Eval, HeldOutValidator, undisturbed
 
 from .conftest import DEBUG_CONFIG, REPO, TOKENIZER, WEB_CORPUS, read_summary, run_train
 
@@ -240,7 +240,7 @@ needs_verifiers = pytest.mark.skipif(importlib.util.find_spec("verifiers") is No
 
 
 def tiny_model(seed: int = 0):
-    from ext.models.llama3 import SegmentLlama3, llama3_flavors
+    from ext.model.llama3 import SegmentLlama3, llama3_flavors
 
     args = llama3_flavors()["nano"]
     args.max_seq_len, args.mask_backend = 256, "dense"
@@ -274,7 +274,7 @@ def test_verifiers_environment_scores_the_models_own_greedy_answers(monkeypatch)
     from torchtitan.distributed import ParallelDims
 
     from ext.data.encoders import load_chat_tokenizer
-    from ext.eval_client import GenerationRequest
+    from ext.training.eval_client import GenerationRequest
 
     echo = importlib.import_module("tests.verifiers_echo")
     monkeypatch.setitem(sys.modules, "verifiers_echo", echo)  # verifiers ids are top-level module names

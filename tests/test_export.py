@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 import ext.job_config  # noqa: F401  (registers our specs)
 from ext.cli import main as cli_main
 from ext.export import dcp_to_hf, parse_size
-from ext.models.hf import read_safetensors
+from ext.model.hf import read_safetensors
 
 from .conftest import DEBUG_CONFIG, TOKENIZER, run_command, run_train
 
@@ -104,7 +104,7 @@ def test_export_of_a_two_process_fsdp_checkpoint_gives_our_logits(fsdp_run, tmp_
 
 @pytest.mark.slow
 def test_fsdp_shards_on_cpu_start_from_different_random_values(fsdp_run):
-    """DTensor draws every CPU rank's shard from the same stream; ext.device
+    """DTensor draws every CPU rank's shard from the same stream; ext.core.device
     seeds each shard apart, so the two halves of a weight are not copies."""
     model = our_model("ext_llama3", "tiny", fsdp_run / "step-1")  # LR 1e-30: still the init
     checked = 0

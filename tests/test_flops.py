@@ -1,4 +1,4 @@
-"""FLOPs, parameter counts and MFU (ext/flops.py) against independent references:
+"""FLOPs, parameter counts and MFU (ext/training/flops.py) against independent references:
 FlopCounterMode over real forward+backward passes, models built on the meta
 device, brute-force pair counting, and a real training run."""
 
@@ -23,11 +23,12 @@ from torchtitan.protocols.train_spec import _extra_train_specs, get_train_spec
 
 import ext.job_config  # noqa: F401  (registers our specs)
 from ext import cli
-from ext.attention.skyladder import fragment_segments
+from ext.data.skyladder import fragment_segments
 from ext.data.loader import LOADER_STATS, build_packed_dataloader
-from ext.errors import ConfigError
-from ext.flops import (
-    FlopsMeter, FlopsModel, Peak, Recompute, attention_counts, causal_pairs, device_kind,
+from ext.core.errors import ConfigError
+from ext.data.counts import attention_counts
+from ext.training.flops import (
+    FlopsMeter, FlopsModel, Peak, Recompute, causal_pairs, device_kind,
     flops_report, fp8_converters_on, model_param_count, peak_from_config, resolve_peak,
     table_peak_tflops, torchtitan_estimate,
 )

@@ -19,7 +19,7 @@ from ext.data.config import Data, resolve_sources
 from ext.data.dataset import PackedMixtureDataset
 from ext.data.encoders import TextEncoder
 from ext.data.loader import LOADER_STATS, PackedDataLoader, build_packed_dataloader, resolve_num_workers
-from ext.errors import ConfigError, DataError
+from ext.core.errors import ConfigError, DataError
 
 from .conftest import TOKENIZER, assert_resumes_exactly
 

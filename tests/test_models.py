@@ -18,9 +18,9 @@ from torchtitan.protocols.train_spec import get_train_spec
 from transformers import AutoModelForCausalLM
 
 import ext.job_config  # noqa: F401
-from ext.errors import ConfigError
-from ext.models.hf import hf_config_for, load_hf_weights, read_safetensors, state_dict_adapter_for
-from ext.models.moe import Experts, _IntegerHistcAsBincount
+from ext.core.errors import ConfigError
+from ext.model.hf import hf_config_for, load_hf_weights, read_safetensors, state_dict_adapter_for
+from ext.model.moe import Experts, _IntegerHistcAsBincount
 
 from .conftest import REPO, run_train
 

@@ -161,7 +161,7 @@ def test_a_config_far_too_big_for_the_device_is_refused_with_the_numbers(capsys)
 
 def test_memory_estimate_scales_with_sharding_and_checkpointing():
     from ext.cli import load_job_config
-    from ext.memory import estimate
+    from ext.training.memory import estimate
 
     def est(*args: str):
         return estimate(load_job_config(["--job.config_file", str(DEBUG_CONFIG), *args]), 4, 4, False)
@@ -348,7 +348,7 @@ def _heldout_batches(*args: str) -> dict[str, int]:
     from torchtitan.components.tokenizer import build_hf_tokenizer
 
     from ext.cli import load_job_config
-    from ext.eval import HeldOutValidator
+    from ext.training.eval import HeldOutValidator
 
     cfg = load_job_config(["--job.config_file", str(EVAL_CONFIG), *args])
     validator = HeldOutValidator(cfg, 1, 0, build_hf_tokenizer(cfg), None, None, None, None, None)

@@ -11,9 +11,40 @@ import math
 import numpy as np
 import pytest
 
-from ext.data.packing import IGNORE_INDEX, PackedRows, pack_documents, row_to_sample, rows_to_batch
+from ext.data.packing import IGNORE_INDEX, PackedRows, pack_documents, rows_to_batch
 
 PAD = -7  # distinct from every token id drawn below
+
+
+def row_to_sample(
+    tokens_row: np.ndarray, segment_ids_row: np.ndarray, n_valid: int, reset_positions: bool
+) -> dict[str, np.ndarray]:
+    """One row (``[C]`` tokens and segment ids, ``n_valid`` real tokens) as a sample.
+
+    The reference for :func:`rows_to_batch`, one row at a time: ``input``/``labels``/
+    ``positions`` int64 ``[C - 1]``, ``segment_ids`` int32 ``[C - 1]``. Written
+    independently of it (per segment, not per token) so that the two check each other.
+    """
+    tok = np.asarray(tokens_row)
+    seg = np.asarray(segment_ids_row)
+    C = tok.shape[0]
+    L = C - 1
+    nv = int(n_valid)
+    labels = np.full(L, IGNORE_INDEX, dtype=np.int64)
+    positions = np.arange(L, dtype=np.int64)
+    # Segment boundaries [b_k, b_{k+1}) over the full row.
+    bounds = np.concatenate(([0], np.flatnonzero(np.diff(seg)) + 1, [C]))
+    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        if reset_positions:
+            positions[a:min(b, L)] -= a
+        if a < nv:  # a real segment: tokens a..b-2 predict a+1..b-1
+            labels[a : b - 1] = tok[a + 1 : b]
+    return {
+        "input": tok[:-1].astype(np.int64),
+        "labels": labels,
+        "positions": positions,
+        "segment_ids": seg[:-1].astype(np.int32),
+    }
 
 
 def make_buffer(rng: np.random.Generator, n_docs: int, max_len: int, p_empty: float = 0.05):

@@ -282,7 +282,7 @@ def test_local_data_files_kinds_and_ignored_names(tmp_path):
 
 def test_local_data_files_errors_are_one_line_without_a_config_key(tmp_path):
     from ext.data.config import local_data_files
-    from ext.errors import ConfigError
+    from ext.core.errors import ConfigError
 
     mixed = tmp_path / "mixed"
     mixed.mkdir()
@@ -308,7 +308,7 @@ def test_local_data_files_errors_are_one_line_without_a_config_key(tmp_path):
 
 def test_loader_and_reshard_report_the_same_problem(tmp_path):
     from ext.data.config import Data, resolve_sources
-    from ext.errors import ConfigError
+    from ext.core.errors import ConfigError
 
     src = tmp_path / "src"
     src.mkdir()

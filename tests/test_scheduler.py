@@ -1,8 +1,8 @@
-"""LR schedules (ext/scheduler.py): every schedule against its closed form at
+"""LR schedules (ext/training/scheduler.py): every schedule against its closed form at
 every step, torchtitan equivalence, config errors, the lr-schedule CLI, and LR
 continuity across checkpoint/resume in a real run.
 
-The expected values here are written independently of ext.scheduler: each
+The expected values here are written independently of ext.training.scheduler: each
 schedule is assembled phase by phase as a list (warmup, hold, decay), and the
 step-by-step values are read from a real LambdaLR driven like the trainer
 drives it (the LR the optimizer holds when it steps)."""
@@ -21,8 +21,8 @@ from torchtitan.config import ConfigManager
 
 import ext.job_config  # noqa: F401
 from ext.cli import main as cli_main
-from ext.errors import ConfigError
-from ext.scheduler import build_lr_schedulers, resolve_schedule
+from ext.core.errors import ConfigError
+from ext.training.scheduler import build_lr_schedulers, resolve_schedule
 
 from .conftest import REPO, read_summary, run_train
 

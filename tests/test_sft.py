@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 import ext.job_config  # noqa: F401
 from ext.data.chat import UNTRAINED_BIT, ChatEncoder, mark_untrained, normalize_messages, split_untrained
 from ext.data.encoders import load_chat_tokenizer
-from ext.errors import ConfigError
+from ext.core.errors import ConfigError
 
 from .conftest import DEBUG_CONFIG, TOKENIZER, read_summary, run_train
 from .test_chat_templates import CHAT, trained_runs

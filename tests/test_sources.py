@@ -24,7 +24,7 @@ from ext.data.dataset import PackedMixtureDataset
 from ext.data.encoders import TextEncoder
 from ext.data.loader import PackedDataLoader
 from ext.data.sources import Source, count_lines, plan_source
-from ext.errors import DataError
+from ext.core.errors import DataError
 
 from .conftest import TOKENIZER, assert_resumes_exactly
 

@@ -25,7 +25,7 @@ from ext.data.tokenized import (
     tokenize_source,
     tokenizer_identity,
 )
-from ext.errors import DataError
+from ext.core.errors import DataError
 
 from .conftest import TOKENIZER, WEB_CORPUS
 
@@ -348,7 +348,7 @@ def test_the_loader_refuses_a_token_folder_of_another_tokenizer_with_one_line(tm
 
 def test_a_folder_of_datatrove_files_without_our_metadata_is_one_config_error(tmp_path):
     from ext.data.config import Data, resolve_sources
-    from ext.errors import ConfigError
+    from ext.core.errors import ConfigError
 
     folder = tmp_path / "dt"
     folder.mkdir()

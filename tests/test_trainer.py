@@ -16,7 +16,7 @@ from torchtitan.config import ConfigManager
 import ext.job_config  # noqa: F401
 from ext.data.dataset import STATS_FIELDS
 from ext.data.loader import LoaderStats
-from ext.trainer import DevicePrefetcher, PackedLoaderStatsDeferral
+from ext.training.trainer import DevicePrefetcher, PackedLoaderStatsDeferral
 
 from .conftest import DEBUG_CONFIG, read_summary, run_train
 

@@ -145,7 +145,7 @@ def test_skipped_bad_records_show_in_the_log_line_tensorboard_keys_and_the_summa
 
 
 def test_one_line_unwraps_an_error_reraised_from_a_loader_worker():
-    from ext.errors import DataError, one_line
+    from ext.core.errors import DataError, one_line
 
     wrapped = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent "
                         "call last):\n  File \"x.py\", line 1, in f\next.errors.DataError: [data] bad record\n")

@@ -279,7 +279,7 @@ class ChatEncoder:
     ):
         from transformers.utils.chat_template_utils import _cached_compile_jinja_template, _plain_template_data
 
-        from ext.errors import ConfigError
+        from ext.core.errors import ConfigError
 
         self.tok = tokenizer
         self.template = tokenizer.chat_template

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ext.errors import ConfigError
+from ext.core.errors import ConfigError
 
 LOCAL_FORMATS = {
     ".jsonl": "jsonl",
@@ -193,12 +193,22 @@ class SourceSpec:
     heldout_only: bool = False
 
 
-def _per_source(key: str, values: list, n: int) -> list:
+_NO_DEFAULT = object()
+
+
+def per_source(section: str, key: str, values: list, n: int, default: Any = _NO_DEFAULT) -> list:
+    """A list key of ``[section]`` as one value per ``[data] datasets`` source:
+    one entry is used for every source, otherwise there must be one per
+    source. An empty list gives ``default`` for every source (an error when
+    there is no default)."""
+    if not values and default is not _NO_DEFAULT:
+        return [default] * n
     if len(values) == 1:
-        return values * n
+        return list(values) * n
     if len(values) != n:
+        datasets = "datasets" if section == "data" else "[data] datasets"
         raise ConfigError(
-            f"[data] {key} has {len(values)} entries but datasets has {n}; "
+            f"[{section}] {key} has {len(values)} entries but {datasets} has {n}; "
             "give one entry for all sources or one per source"
         )
     return list(values)
@@ -304,7 +314,7 @@ def token_folder_files(location: str) -> tuple[str, ...]:
     in the order its metadata lists them. Raises ConfigError (one line) for a
     folder of ``.ds`` files without our metadata, whose tokenizer cannot be checked."""
     from ext.data.tokenized import read_token_metadata
-    from ext.errors import DataError
+    from ext.core.errors import DataError
 
     try:
         info = read_token_metadata(location)
@@ -343,9 +353,9 @@ def resolve_sources(cfg: Data) -> list[SourceSpec]:
     names = list(cfg.names) if cfg.names else []
     if names and len(names) != n:
         raise ConfigError(f"[data] names has {len(names)} entries but datasets has {n}")
-    splits = _per_source("splits", list(cfg.splits), n)
-    fields = _per_source("text_fields", list(cfg.text_fields), n)
-    exhaust = _per_source("on_exhaustion", list(cfg.on_exhaustion), n)
+    splits = per_source("data", "splits", list(cfg.splits), n)
+    fields = per_source("data", "text_fields", list(cfg.text_fields), n)
+    exhaust = per_source("data", "on_exhaustion", list(cfg.on_exhaustion), n)
     for i, e in enumerate(exhaust):
         if e not in EXHAUSTION:
             raise ConfigError(f"[data] on_exhaustion[{i}] = {e!r}: use one of {list(EXHAUSTION)}")

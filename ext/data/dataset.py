@@ -29,13 +29,13 @@ import torch
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ext.attention.skyladder import WindowClock, fragment_segments
+from ext.data.skyladder import WindowClock, fragment_segments
 from ext.data.chat import split_untrained
 from ext.data.config import Data, SourceSpec
 from ext.data.mixture import Mixture, redistribute_mixture
 from ext.data.packing import pack_documents, rows_to_batch
-from ext.errors import DataError
-from ext.flops import attention_counts_per_row
+from ext.core.errors import DataError
+from ext.data.counts import attention_counts_per_row
 from ext.data.sources import Plan, Source, fresh_source_state, plan_source, redistribute_source
 
 # Test hook (documented in README [data]): with EXT_DATA_TRACE set, every sample
@@ -50,7 +50,7 @@ STATS_KEY = "loader_stats"
 STATS_FIELDS = ("row_tokens", "pad_tokens", "docs", "cut_docs", "rows", "window",
                 "real_tokens", "trained_tokens", "attn_pairs", "attn_pairs_causal")
 # The last four are filled in when a row is yielded (after SkyLadder cuts it), by
-# ext.flops.attention_counts: non-padding inputs, labels != -100, and the keys the
+# ext.data.counts.attention_counts: non-padding inputs, labels != -100, and the keys the
 # non-padding queries attend within their segments / under plain causal attention.
 # The metrics processor picks the pair count that matches what the model runs.
 

@@ -80,7 +80,7 @@ def load_chat_tokenizer(hf_assets_path: str, template_file: str = "") -> Any:
     (or the one in ``template_file``); ConfigError when there is none."""
     from transformers import AutoTokenizer
 
-    from ext.errors import ConfigError
+    from ext.core.errors import ConfigError
 
     tok = AutoTokenizer.from_pretrained(hf_assets_path)
     if template_file:

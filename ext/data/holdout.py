@@ -1,7 +1,7 @@
 """Held-out parts of the ``[data]`` sources, for ``[eval]``.
 
 Each training source gets at most one held-out part (``[eval]``, see
-:mod:`ext.eval`):
+:mod:`ext.training.eval`):
 
 - a separate location (``[eval] datasets[i]``: a file, folder or Hub id) or a
   named split of the same Hub dataset (``[eval] splits[i]``); training reads
@@ -29,8 +29,8 @@ import json
 import math
 from typing import Any
 
-from ext.data.config import Data, SourceSpec, resolve_sources
-from ext.errors import ConfigError
+from ext.data.config import Data, SourceSpec, per_source, resolve_sources
+from ext.core.errors import ConfigError
 
 _SCALE = float(2**64)
 
@@ -47,19 +47,6 @@ def holdout_hash(value: Any) -> float:
 def in_holdout(value: Any, fraction: float) -> bool:
     """Whether a record with field value ``value`` is in a holdout of ``fraction``."""
     return fraction > 0 and holdout_hash(value) < fraction
-
-
-def _per_source(key: str, values: list, n: int, default: Any) -> list:
-    if not values:
-        return [default] * n
-    if len(values) == 1:
-        return list(values) * n
-    if len(values) != n:
-        raise ConfigError(
-            f"[eval] {key} has {len(values)} entries but [data] datasets has {n}; "
-            "give one entry for all sources or one per source"
-        )
-    return list(values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,9 +68,9 @@ def plan_holdout(data: Data, eval_cfg: Any) -> HeldOutPlan:
     n = len(specs)
     if eval_cfg is None or n == 0:
         return HeldOutPlan(specs, [None] * n)
-    fractions = _per_source("holdout_fraction", list(eval_cfg.holdout_fraction), n, 0.0)
-    locations = _per_source("datasets", list(eval_cfg.datasets), n, "")
-    splits = _per_source("splits", list(eval_cfg.splits), n, "")
+    fractions = per_source("eval", "holdout_fraction", list(eval_cfg.holdout_fraction), n, 0.0)
+    locations = per_source("eval", "datasets", list(eval_cfg.datasets), n, "")
+    splits = per_source("eval", "splits", list(eval_cfg.splits), n, "")
     train: list[SourceSpec] = []
     heldout: list[SourceSpec | None] = []
     for i, (spec, fraction, location, split) in enumerate(zip(specs, fractions, locations, splits)):

@@ -36,17 +36,17 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchtitan.components.dataloader import ParallelAwareDataloader
 from torchtitan.hf_datasets.text_datasets import build_text_dataloader
 
-from ext.attention.config import masking_requested
-from ext.attention.skyladder import WindowClock, validate_skyladder
-from ext.checkpoint import STOP_SIGNALS
+from ext.data.skyladder import masking_requested
+from ext.data.skyladder import WindowClock, validate_skyladder
+from ext.core.signals import STOP_SIGNALS
 from ext.data.config import parse_num_workers, resolve_sources, SourceSpec
 from ext.data.dataset import STATS_FIELDS, STATS_KEY, TRACE_ENV, PackedMixtureDataset
 from ext.data.encoders import ChatEncoderSpec, TextEncoder
 from ext.data.holdout import training_sources
 from ext.data.sources import Plan
-from ext.errors import ConfigError
-from ext.parallel import host_group, reduce_host_int
-from ext.seeding import seed_worker
+from ext.core.errors import ConfigError
+from ext.core.parallel import host_group, reduce_host_int
+from ext.core.seeding import seed_worker
 
 logger = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ mixture accounting; the price is some padding per buffer, which
 10k web documents).
 
 Rows hold ``C = seq_len + 1`` tokens: the trainer uses ``row[:-1]`` as input and
-``row[1:]`` as labels (:func:`rows_to_batch`, :func:`row_to_sample`).
+``row[1:]`` as labels (:func:`rows_to_batch`).
 
 Performance: the bin assignment is a sequential Python loop over chunks (one
 segment-tree query/update per chunk, no per-token Python work); everything per
@@ -464,35 +464,3 @@ def _batch(
         positions = np.empty((n, L), dtype=np.int64)
         positions[:] = np.arange(L, dtype=np.int64)
     return {"input": inp, "labels": labels, "positions": positions, "segment_ids": segment_ids}
-
-
-def row_to_sample(
-    tokens_row: np.ndarray, segment_ids_row: np.ndarray, n_valid: int, reset_positions: bool
-) -> dict[str, np.ndarray]:
-    """One row (``[C]`` tokens and segment ids, ``n_valid`` real tokens) as a sample.
-
-    Same contract as :func:`rows_to_batch` for a single row: ``input``/``labels``/
-    ``positions`` int64 ``[C - 1]``, ``segment_ids`` int32 ``[C - 1]``. Written
-    independently of :func:`rows_to_batch` (per-segment, not per-token) so that the
-    two can check each other.
-    """
-    tok = np.asarray(tokens_row)
-    seg = np.asarray(segment_ids_row)
-    C = tok.shape[0]
-    L = C - 1
-    nv = int(n_valid)
-    labels = np.full(L, IGNORE_INDEX, dtype=np.int64)
-    positions = np.arange(L, dtype=np.int64)
-    # Segment boundaries [b_k, b_{k+1}) over the full row.
-    bounds = np.concatenate(([0], np.flatnonzero(np.diff(seg)) + 1, [C]))
-    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-        if reset_positions:
-            positions[a:min(b, L)] -= a
-        if a < nv:  # a real segment: tokens a..b-2 predict a+1..b-1
-            labels[a : b - 1] = tok[a + 1 : b]
-    return {
-        "input": tok[:-1].astype(np.int64),
-        "labels": labels,
-        "positions": positions,
-        "segment_ids": seg[:-1].astype(np.int32),
-    }

@@ -41,7 +41,7 @@ from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 from ext.data.config import local_data_files, looks_like_hub_id
-from ext.errors import ConfigError
+from ext.core.errors import ConfigError
 
 __all__ = ["ReshardError", "reshard", "shard_bounds", "main"]
 

@@ -80,7 +80,7 @@ import numpy as np
 from ext.data.config import SourceSpec
 from ext.data.encoders import Skip
 from ext.data.holdout import in_holdout
-from ext.errors import DataError
+from ext.core.errors import DataError
 
 logger = logging.getLogger(__name__)
 

@@ -60,7 +60,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ext.errors import ConfigError, DataError
+from ext.core.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 

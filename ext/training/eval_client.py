@@ -64,7 +64,8 @@ import torch.distributed as dist
 from torchtitan.tools.logging import logger
 
 from ext.data.encoders import load_chat_tokenizer
-from ext.parallel import host_group
+from ext.core.device import run_device
+from ext.core.parallel import host_group
 
 HARNESS_ID = "ext_chat_harness"  # verifiers plugin ids are top-level module names: aliased below
 _KEY_ENV = "EXT_EVAL_ENDPOINT_KEY"
@@ -140,9 +141,7 @@ class ChatGenerator:
     def generate(self, model_parts: list[torch.nn.Module], requests: list[GenerationRequest],
                  generator: torch.Generator | None = None) -> list[Completion]:
         """Decode every request to its end; call on every rank with the same requests."""
-        from ext.eval import _device
-
-        device = _device()
+        device = run_device()
         seqs = [list(r.prompt_ids[: self.seq_len]) for r in requests]
         outputs: list[list[int]] = [[] for _ in requests]
         finish = ["length"] * len(requests)
@@ -315,7 +314,7 @@ class VerifiersEval:
 
     def __init__(self, job_config: Any, tokenizer: Any, parallel_dims: Any, model_keys: tuple[str, ...],
                  validator: Any):
-        from ext.errors import ConfigError
+        from ext.core.errors import ConfigError
 
         try:
             import verifiers.v1 as vf
@@ -441,7 +440,7 @@ def _episode_reward(episode: Any) -> float | None:
     return float(sum(trace.reward for trace in episode.traces))
 
 
-# -- the in-process harness (verifiers plugin id "ext.eval_client") ---------------------------
+# -- the in-process harness (verifiers plugin id "ext.training.eval_client") ---------------------------
 
 try:
     from verifiers.v1 import Harness as _Harness, HarnessConfig as _HarnessConfig, ProgramResult as _ProgramResult

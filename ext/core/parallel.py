@@ -20,7 +20,7 @@ import torch.nn as nn
 from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims
 
-from ext.device import prepare_sharded_model
+from ext.core.device import prepare_sharded_model
 
 
 def _allreduce_sum_hook(

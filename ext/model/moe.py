@@ -64,7 +64,7 @@ from torch.overrides import TorchFunctionMode
 from torchtitan.models.moe import MoE, MoEArgs
 from torchtitan.models.moe.moe import GroupedExperts
 
-from ext.errors import ConfigError
+from ext.core.errors import ConfigError
 
 IMPLEMENTATIONS = ("grouped", "loop")
 QWEN3_AUX_LOSS_COEFF = 1e-3  # router_aux_loss_coef of the released Qwen3-MoE configs
@@ -85,7 +85,7 @@ class MoEConfig:
     """
     Weight of the auxiliary load-balancing loss (Switch Transformer / Qwen3-MoE:
     ``num_experts * sum_i f_i * P_i`` per MoE layer, averaged over the layers;
-    see ext/models/moe.py) in the training objective. 1e-3 is Qwen3's
+    see ext/model/moe.py) in the training objective. 1e-3 is Qwen3's
     ``router_aux_loss_coef``. It trains only the router weights, so an HF
     export routes as the trained model. 0 turns it off.
     """

@@ -222,3 +222,13 @@ def seed_shards_apart(model: torch.nn.Module) -> bool:
 
     model.init_weights = init_weights_per_shard
     return True
+
+
+def run_device() -> torch.device:
+    """The device this rank trains on, as torchtitan's ``device_type`` says
+    (set at run time; "cpu" on hosts without an accelerator)."""
+    from torchtitan.tools import utils
+
+    if utils.device_type == "cpu":
+        return torch.device("cpu")
+    return torch.device(utils.device_type, getattr(torch, utils.device_type).current_device())

@@ -55,9 +55,10 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ext.errors import ConfigError
+from ext.core.errors import ConfigError
+from ext.data.counts import AttentionCounts, attention_counts
+from ext.model.hf import llama_ffn_dim
 
-IGNORE_INDEX = -100
 
 # Model families whose attention or layout this module does not describe.
 _UNSUPPORTED_FIELDS = {
@@ -107,14 +108,6 @@ class ModelShape:
         return self.n_layers - self.moe_layers
 
 
-def llama_ffn_hidden(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
-    """torchtitan Llama's SwiGLU hidden size for ``hidden_dim = 4 * dim``."""
-    hidden = int(2 * (4 * dim) / 3)
-    if ffn_dim_multiplier is not None:
-        hidden = int(ffn_dim_multiplier * hidden)
-    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
-
-
 def model_shape(args: Any) -> ModelShape:
     """Read a torchtitan Llama-3 / Qwen3 style args object (dense or MoE, tied
     or not) with ``getattr``, so subclasses and forks with the same fields work.
@@ -135,7 +128,7 @@ def model_shape(args: Any) -> ModelShape:
     if getattr(args, "hidden_dim", None):
         ffn = int(args.hidden_dim)
     else:
-        ffn = llama_ffn_hidden(dim, int(getattr(args, "multiple_of", 256)),
+        ffn = llama_ffn_dim(dim, int(getattr(args, "multiple_of", 256)),
                                getattr(args, "ffn_dim_multiplier", None))
     tied = any(bool(getattr(args, name, False)) for name in _TIED_FIELDS)
     shape = dict(
@@ -358,71 +351,6 @@ class FlopsModel:
         wrapped = s.n_layers if every == 0 else s.n_layers // every
         blocks = sum(self._block_forward(moe, tokens, pairs) * n for moe, n in self._layer_kinds())
         return blocks / s.n_layers * wrapped
-
-# ------------------------------------------------------------- segment counts
-
-
-@dataclass(frozen=True)
-class AttentionCounts:
-    real_tokens: int
-    """Non-padding tokens: they run through the model forward and backward."""
-    trained_tokens: int
-    """Non-padding tokens whose label is not -100."""
-    pairs: int
-    """Keys attended by the non-padding queries when attention is confined to segments."""
-    pairs_causal: int
-    """Keys attended by the non-padding queries under plain causal attention over the row."""
-
-
-def attention_counts(segment_ids: Any, labels: Any, valid: Any = None) -> AttentionCounts:
-    """Tokens and attended pairs of rows (``[S]`` or ``[B, S]`` arrays or tensors).
-
-    ``valid`` (bool, same shape; None: every token) marks the tokens that are
-    not padding. A segment is a run of equal ids within a row; a query
-    attends to the keys of its own segment up to itself, so a query at offset
-    ``j`` of its segment attends ``j + 1`` keys (``j + 1`` = its row position
-    + 1 under plain causal attention). Every non-padding query counts, trained
-    or not (an SFT prompt is computed like the answer), so a segment of ``n``
-    real tokens contributes ``n (n + 1) / 2`` pairs and padding contributes
-    none. ``labels`` (-100 = not trained) only give ``trained_tokens``.
-    """
-    rows = attention_counts_per_row(segment_ids, labels, valid)
-    return AttentionCounts(*(int(column.sum()) for column in rows.T))
-
-
-def attention_counts_per_row(segment_ids: Any, labels: Any, valid: Any = None) -> np.ndarray:
-    """:func:`attention_counts` of each row: int64 ``[rows, 4]`` with columns
-    real_tokens, trained_tokens, pairs, pairs_causal (one call for a whole
-    buffer costs about what one row costs)."""
-    seg = np.asarray(segment_ids)
-    lab = np.asarray(labels)
-    real = np.ones(seg.shape, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
-    if seg.shape != lab.shape or seg.shape != real.shape:
-        raise ValueError(
-            f"segment_ids {seg.shape}, labels {lab.shape} and valid {real.shape} differ in shape"
-        )
-    n = seg.shape[-1] if seg.ndim else 0
-    if seg.size == 0:
-        return np.zeros((0 if seg.ndim > 1 else 1, 4), dtype=np.int64)
-    seg = seg.reshape(-1, n)
-    real = real.reshape(seg.shape)
-    trained = (lab.reshape(seg.shape) != IGNORE_INDEX) & real
-    position = np.arange(1, n + 1, dtype=np.int64)  # keys under plain causal attention
-    causal = (real * position).sum(axis=1)
-    # A query at row position p in a segment starting at s attends p + 1 - s keys:
-    # subtract s once per real query of each segment.
-    new = np.ones(seg.shape, dtype=bool)
-    new[:, 1:] = seg[:, 1:] != seg[:, :-1]
-    starts = np.flatnonzero(new)
-    real_per_segment = np.add.reduceat(real.reshape(-1).astype(np.int64), starts)
-    offsets = np.bincount(starts // n, weights=(starts % n) * real_per_segment, minlength=seg.shape[0])
-    out = np.empty((seg.shape[0], 4), dtype=np.int64)
-    out[:, 0] = real.sum(axis=1)
-    out[:, 1] = trained.sum(axis=1)
-    out[:, 2] = causal - offsets.astype(np.int64)
-    out[:, 3] = causal
-    return out
-
 
 # ------------------------------------------------------------------------ peak
 
@@ -687,7 +615,7 @@ def peak_from_config(job_config: Any) -> Peak:
 
 def build_meter(job_config: Any, model_args: Any, peak: Peak, devices_per_batch: int = 1) -> FlopsMeter:
     """The meter of a training run; raises :class:`UnsupportedModel` for other model families."""
-    from ext.attention.config import masking_requested
+    from ext.data.skyladder import masking_requested
 
     return FlopsMeter(
         FlopsModel.from_args(model_args), peak,
@@ -816,7 +744,7 @@ def flops_report(job_config: Any, packed: str = "auto", docs: int = 10000, rows:
 
     from torchtitan.protocols.train_spec import get_train_spec
 
-    from ext.attention.config import masking_requested
+    from ext.data.skyladder import masking_requested
 
     name, flavor = job_config.model.name, job_config.model.flavor
     try:
@@ -889,14 +817,8 @@ def flops_report(job_config: Any, packed: str = "auto", docs: int = 10000, rows:
     }
 
 
-
-
-# `python -m ext.cli check` and run_train.sh report a bad peak before training.
-from ext.preflight import check_fn  # noqa: E402
-
-
-@check_fn
 def peak_setting(cfg: Any, launch: Any) -> Iterable[str]:
+    """A bad ``[metrics] peak_tflops``, reported by ``python -m ext.cli check`` before training."""
     value = float(getattr(getattr(cfg, "metrics", None), "peak_tflops", 0.0) or 0.0)
     if value < 0 or math.isnan(value):
         yield f"[metrics] peak_tflops = {value}: must be >= 0 (0 detects the device)"

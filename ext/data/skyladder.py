@@ -7,15 +7,78 @@ grid {w, 2w, ...} from the row start. Positions are left as they are (the
 paper keeps absolute positions). The window depends only on the step, so the
 loader computes it from its own checkpointed row counter and emits fragments
 as segments: nothing in the model knows about SkyLadder.
+
+(No ``from __future__ import annotations``: torchtitan's config merge needs
+real field types.)
 """
 
+import logging
 import math
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 
-from ext.attention.config import SCHEDULES, SkyLadder
-from ext.errors import ConfigError
+from ext.core.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
+
+
+SCHEDULES = ("rate", "lin", "sin", "exp")
+
+
+@dataclass
+class SkyLadder:
+    """SkyLadder context-window scheduling (arXiv 2503.15450)."""
+
+    enable: bool = False
+    """Cut rows into fragments of a window that grows with the optimizer step."""
+
+    schedule: Literal["rate", "lin", "sin", "exp"] = "rate"
+    """
+    "rate": w = min(L, init_window + floor(step / rate)). "lin", "sin", "exp":
+    from init_window to L over the horizon (linear, sine, exponential), then L.
+    """
+
+    init_window: int = 32
+    """Window at step 0, in tokens."""
+
+    rate: int = 8
+    """"rate" schedule: optimizer steps per +1 token of window (the paper's default 8)."""
+
+    horizon_steps: int = 0
+    """Steps to reach the full window for lin/sin/exp (0: use horizon_fraction)."""
+
+    horizon_fraction: float = 0.0
+    """Horizon as a fraction of training.steps, when horizon_steps is 0."""
+
+    rounding: int = 0
+    """Round the window down to a multiple of this (0: no rounding); init_window if that gives 0."""
+
+    max_window: int = 0
+    """Full window L (0: training.seq_len)."""
+
+
+def masking_requested(job_config: Any) -> bool:
+    """Whether this run masks attention by segments (documents and/or SkyLadder)."""
+    uses_loader = bool(getattr(getattr(job_config, "data", None), "datasets", None))
+    attention = getattr(job_config, "attention", None)
+    skyladder = getattr(job_config, "skyladder", None)
+    wants = bool(attention and attention.document_masking) or bool(skyladder and skyladder.enable)
+    if wants and not uses_loader:
+        _warn_once(
+            "[attention] document masking / [skyladder] need segment ids from the [data] "
+            "loader, which is not configured: attention stays plain causal"
+        )
+        return False
+    return wants
 
 
 def skyladder_horizon(cfg: SkyLadder, total_steps: int) -> int:

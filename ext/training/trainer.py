@@ -38,7 +38,7 @@ and gradients are those of torchtitan's own loop (the tests compare them).
 Other accelerators get non-blocking copies on the current stream.
 
 Available through ``run_train.sh`` / ``python -m ext.train`` (or
-``torchtitan.train.main(ext.trainer.Trainer)`` in a fork's own entry point).
+``torchtitan.train.main(ext.training.trainer.Trainer)`` in a fork's own entry point).
 The plugin path (stock ``-m torchtitan.train`` with ``ext.job_config``) runs
 torchtitan's own Trainer, which ignores ``[input_pipeline]``.
 """
@@ -56,7 +56,7 @@ from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer as TorchtitanTrainer
 
-from ext.checkpoint import SignalStop, stop_on_signal
+from ext.training.checkpoint import SignalStop, stop_on_signal
 from ext.data.loader import LOADER_STATS
 
 

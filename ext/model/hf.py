@@ -26,6 +26,9 @@ counterpart: they are not exported (the export refuses nonzero ones unless
 told to drift), and stay 0 when importing.
 """
 
+import functools
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +36,8 @@ import torch
 from torch import nn
 from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAdapter
 
-from ext.errors import ConfigError
-from ext.models.tying import is_tied
+from ext.core.errors import ConfigError
+from ext.model.tying import is_tied
 
 _FAMILY = {"ext_llama3": "llama", "llama3": "llama", "ext_qwen3": "qwen3", "qwen3": "qwen3"}
 LLAMA3_CONTEXT = 131072  # max_position_embeddings of Llama-3.1 and 3.2
@@ -62,13 +65,15 @@ def _family(model_name: str) -> str:
     return _FAMILY[model_name]
 
 
-def _llama_ffn_dim(args: Any) -> int:
-    # torchtitan derives the SwiGLU width from dim, multiple_of and
-    # ffn_dim_multiplier; ask its FeedForward rather than restating the rule.
+@functools.lru_cache(maxsize=None)
+def llama_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """The SwiGLU width of torchtitan's Llama for ``dim``: asked of its
+    ``FeedForward`` (on the meta device) rather than restated, so that the
+    export and the FLOPs count follow torchtitan if its rule changes."""
     from torchtitan.models.llama3.model.model import FeedForward
 
     with torch.device("meta"):
-        ffn = FeedForward(args.dim, 4 * args.dim, args.multiple_of, args.ffn_dim_multiplier)
+        ffn = FeedForward(dim, 4 * dim, multiple_of, ffn_dim_multiplier)
     return ffn.w1.out_features
 
 
@@ -89,7 +94,7 @@ def _llama_config(args: Any, common: dict[str, Any]) -> Any:
         }
     return LlamaConfig(
         **common,
-        intermediate_size=_llama_ffn_dim(args),
+        intermediate_size=llama_ffn_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier),
         num_key_value_heads=args.n_kv_heads or args.n_heads,
         head_dim=args.dim // args.n_heads,
         rope_scaling=rope_scaling,
@@ -177,8 +182,14 @@ def hf_config_for(model_name: str, model_args: Any, **overrides: Any) -> Any:
 
 
 def state_dict_adapter_for(model_name: str) -> type:
-    """The state-dict adapter class of a registered train spec."""
-    import ext.job_config  # noqa: F401  (registers our specs)
+    """The state-dict adapter class of one of our train specs (the one its
+    train spec registers), or of a train spec registered with torchtitan."""
+    if model_name == "ext_llama3":
+        return Llama3HFAdapter
+    if model_name == "ext_qwen3":
+        from torchtitan.models.qwen3.model.state_dict_adapter import Qwen3StateDictAdapter
+
+        return Qwen3StateDictAdapter
     from torchtitan.protocols.train_spec import get_train_spec
 
     adapter = get_train_spec(model_name).state_dict_adapter
@@ -215,3 +226,85 @@ def load_hf_weights(model: nn.Module, model_name: str, folder: str | Path) -> No
         raise ValueError(
             f"{folder} does not match {model_name}: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
+
+
+# ------------------------------------------------------------------ metadata
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
+    "chat_template.json",
+)
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+
+
+def _token_ids(tokenizer_dir: str | None) -> dict[str, Any]:
+    """BOS/EOS/PAD ids of a tokenizer folder and the ids generation stops at."""
+    if not tokenizer_dir or not any(
+        os.path.isfile(os.path.join(tokenizer_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json")
+    ):
+        return {}
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+           "pad_token_id": tok.pad_token_id}
+    template = tok.chat_template if isinstance(tok.chat_template, str) else ""
+    stops = [ids["eos_token_id"]] if ids["eos_token_id"] is not None else []
+    for token in END_OF_TURN_TOKENS:
+        token_id = tok.convert_tokens_to_ids(token)
+        if token in template and isinstance(token_id, int) and token_id != tok.unk_token_id \
+                and token_id not in stops:
+            stops.append(token_id)
+    ids["stop_ids"] = stops
+    return ids
+
+
+def write_hf_metadata(
+    out: str,
+    model_args: Any,
+    *,
+    dtype: Any,
+    tokenizer_dir: str | None,
+    model_name: str | None = None,
+) -> list[str]:
+    """Write ``config.json``, ``generation_config.json`` and the tokenizer files
+    into ``out`` (which holds the safetensors). ``model_name`` is the train spec
+    (None: ours for the class of ``model_args``). Returns the tokenizer files copied."""
+    from transformers import GenerationConfig
+
+    if model_name is None:
+        model_name = _model_name_for_args(model_args)
+    dtype_name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+    ids = _token_ids(tokenizer_dir)
+    config = hf_config_for(
+        model_name, model_args, dtype=dtype_name,
+        bos_token_id=ids.get("bos_token_id"), eos_token_id=ids.get("eos_token_id"),
+        pad_token_id=ids.get("pad_token_id"),
+    )
+    config.save_pretrained(out)
+    stops = ids.get("stop_ids") or []
+    generation = GenerationConfig(
+        bos_token_id=ids.get("bos_token_id"),
+        eos_token_id=stops[0] if len(stops) == 1 else (stops or None),
+        pad_token_id=ids.get("pad_token_id"),
+    )
+    generation.save_pretrained(out)
+    copied = []
+    for name in TOKENIZER_FILES:
+        src = os.path.join(tokenizer_dir or "", name)
+        if tokenizer_dir and os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(out, name))
+            copied.append(name)
+    return copied
+
+
+def _model_name_for_args(model_args: Any) -> str:
+    from torchtitan.models.llama3 import TransformerModelArgs
+    from torchtitan.models.qwen3.model.args import Qwen3ModelArgs
+
+    if isinstance(model_args, Qwen3ModelArgs):
+        return "ext_qwen3"
+    if isinstance(model_args, TransformerModelArgs):
+        return "ext_llama3"
+    raise ConfigError(f"no Hugging Face mapping for model args {type(model_args).__name__}")

@@ -2,11 +2,11 @@
 
 Model code, optimizers, pipelining and the state-dict adapter are
 torchtitan's own; the spec adds the tiny CPU flavors, the parallelize fixes
-of :mod:`ext.parallel` and the run summary of :mod:`ext.metrics`.
+of :mod:`ext.core.parallel` and the run summary of :mod:`ext.training.metrics`.
 
 Weight tying (``enable_weight_tying``, which torchtitan's Llama-3 lacks) is
 added here: one Parameter for ``tok_embeddings`` and ``output``, kept in one
-FSDP unit, written once to HF checkpoints (see :mod:`ext.models.tying`).
+FSDP unit, written once to HF checkpoints (see :mod:`ext.model.tying`).
 Real-size flavors besides torchtitan's (``8B``, ``70B``, ``405B``: Llama-3.1,
 July 2024): ``3.2-1B`` and ``3.2-3B`` (Llama-3.2, September 2024; tied,
 RoPE scaling factor 32), ``3.1-8B`` (= torchtitan's ``8B``) and the
@@ -18,18 +18,17 @@ the HF configs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torchtitan.components.optimizer import build_optimizers
 from torchtitan.distributed.pipeline_parallel import pipeline_llm
 from torchtitan.models.llama3 import Transformer, TransformerModelArgs, llama3_args
 from torchtitan.models.llama3.infra.parallelize import parallelize_llama
 from torchtitan.models.llama3.model.args import RoPEScalingArgs
-from torchtitan.protocols.train_spec import TrainSpec
 
-from ext.models.hf import Llama3HFAdapter
-from ext.models.segments import SegmentMasking, convert_args, with_segment_args
-from ext.models.spec import ext_train_spec
-from ext.models.tying import TiedArgs, tie_weights
+from ext.model.hf import Llama3HFAdapter
+from ext.model.segments import SegmentMasking, convert_args, with_segment_args
+from ext.model.tying import TiedArgs, tie_weights
 
 LLAMA3_SPEC_NAME = "ext_llama3"
 
@@ -131,8 +130,9 @@ def llama3_flavors() -> dict[str, TransformerModelArgs]:
     return flavors
 
 
-def llama3_train_spec() -> TrainSpec:
-    return ext_train_spec(
+def llama3_parts() -> dict[str, Any]:
+    """The model side of the ``ext_llama3`` train spec (:mod:`ext.specs` adds the rest)."""
+    return dict(
         model_cls=SegmentLlama3,
         model_args=llama3_flavors(),
         parallelize_fn=parallelize_llama,

@@ -74,8 +74,9 @@ import torch.distributed as dist
 from torchtitan.components.checkpoint import AsyncMode, CheckpointManager
 from torchtitan.tools.logging import logger
 
-from ext.errors import ConfigError
-from ext.parallel import host_group, reduce_host_int
+from ext.core.errors import ConfigError
+from ext.core.parallel import host_group, reduce_host_int
+from ext.core.signals import STOP_SIGNALS
 
 DCP_COMMIT = ".metadata"
 HF_COMMIT = "model.safetensors.index.json"
@@ -515,7 +516,7 @@ class SafeCheckpointManager(CheckpointManager):
         """Make a ``last_save_in_hf`` folder loadable by transformers (rank 0)."""
         if _rank() != 0:
             return
-        from ext.export import write_hf_metadata
+        from ext.model.hf import write_hf_metadata
 
         adapter = self.sd_adapter
         model_args = getattr(adapter, "model_args", None)
@@ -527,7 +528,7 @@ class SafeCheckpointManager(CheckpointManager):
             return
         shutil.rmtree(os.path.join(path, "sharded"), ignore_errors=True)
         # Bias balancing with last_save_in_hf is refused at start unless [moe]
-        # allow_routing_drift (ext.models.moe.moe_args_from_config); say what was dropped.
+        # allow_routing_drift (ext.model.moe.moe_args_from_config); say what was dropped.
         parts = getattr(self.states.get("model"), "model", [])
         biases = [m.expert_bias for part in parts for m in part.modules()
                   if getattr(m, "expert_bias", None) is not None]
@@ -545,7 +546,7 @@ class SafeCheckpointManager(CheckpointManager):
         logger.info(f"{path}: Hugging Face folder (config, generation config, tokenizer) complete.")
 
 
-def _install_commit_hold() -> None:
+def install_commit_hold() -> None:
     """The ``EXT_CHECKPOINT_HOLD_COMMIT`` test hook (module doc)."""
     step = os.environ.get(HOLD_ENV)  # a step number, or "*": every save
     if not step:
@@ -584,7 +585,6 @@ def install_checkpoint_manager() -> bool:
     subclass of it is left alone, with one warning. Idempotent; returns
     True once installed.
     """
-    _install_commit_hold()
     init = CheckpointManager.__init__
     if getattr(init, "_ext_safe", False):
         return True
@@ -597,7 +597,7 @@ def install_checkpoint_manager() -> bool:
         elif not issubclass(cls, SafeCheckpointManager):
             logger.warning(
                 f"the checkpoint manager is {cls.__module__}.{cls.__name__}, not torchtitan's; "
-                "leaving it (ext.checkpoint's save/resume safeguards are off for this run)."
+                "leaving it (ext.training.checkpoint's save/resume safeguards are off for this run)."
             )
 
     __init__._ext_safe = True  # type: ignore[attr-defined]
@@ -608,7 +608,6 @@ def install_checkpoint_manager() -> bool:
 
 # ------------------------------------------------------- stopping on a signal
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class Preempted(Exception):

@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchtitan.models.attention import VarlenAttentionWrapper, VarlenMetadata
 
-from ext.attention.config import masking_requested, resolve_backend
-from ext.attention.masks import dense_mask, flex_block_mask, varlen_metadata
+from ext.data.skyladder import masking_requested
+from ext.model.attention import resolve_backend
+from ext.model.masks import dense_mask, flex_block_mask, varlen_metadata
 
 _ATTN_TYPE = {"none": "sdpa", "dense": "sdpa", "flex": "flex", "varlen": "varlen"}
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from ext.errors import ConfigError
+from ext.core.errors import ConfigError
 
 TIED_MODULES = ("tok_embeddings", "output")
 

@@ -54,7 +54,7 @@ from torchtitan.components.lr_scheduler import (
 )
 from torchtitan.tools.logging import logger
 
-from ext.errors import ConfigError
+from ext.core.errors import ConfigError
 
 OURS = ("constant", "linear", "cosine", "inverse_sqrt", "wsd")
 PRIME = ("prime_constant", "prime_linear", "prime_cosine")

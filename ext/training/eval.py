@@ -13,7 +13,7 @@ after each step's checkpoint save. The two sections split the work:
 - our ``[eval]`` says *what*: per ``[data]`` source a held-out part (a hash
   holdout fraction carved out of the training stream, or a separate file /
   folder / Hub split; see :mod:`ext.data.holdout`), and optional verifiers
-  environments (:mod:`ext.eval_client`).
+  environments (:mod:`ext.training.eval_client`).
 
 With ``[data] datasets`` empty (torchtitan's own loader), ``[validation]``
 runs torchtitan's own validator on its ``dataset``, as before.
@@ -63,11 +63,12 @@ from torchtitan.components.validate import BaseValidator, build_validator
 from torchtitan.distributed.context_parallel import prepare_context_parallel_input
 from torchtitan.tools.logging import logger
 
-from ext.attention.config import masking_requested
+from ext.data.skyladder import masking_requested
 from ext.data.dataset import STATS_KEY, PackedMixtureDataset
 from ext.data.holdout import plan_holdout
 from ext.data.loader import _encoder
-from ext.errors import ConfigError
+from ext.core.device import run_device
+from ext.core.errors import ConfigError
 
 
 @dataclass
@@ -164,14 +165,6 @@ def build_ext_validator(
     return HeldOutValidator(**kwargs)
 
 
-def _device() -> torch.device:
-    from torchtitan.tools import utils  # device_type is set at runtime (ext.device on CPU hosts)
-
-    if utils.device_type == "cpu":
-        return torch.device("cpu")
-    return torch.device(utils.device_type, getattr(torch, utils.device_type).current_device())
-
-
 @contextmanager
 def undisturbed(model_parts: list[torch.nn.Module], metrics_processor: Any = None) -> Iterator[None]:
     """Eval mode and no grad inside; afterwards every module's ``training`` flag, the
@@ -251,7 +244,7 @@ class HeldOutValidator(BaseValidator):
         self._batches: list[tuple[str, list[Batch]]] | None = None
         self._verifiers = None
         if self.eval_cfg.verifiers_envs:
-            from ext.eval_client import VerifiersEval  # needs the optional `verifiers` package
+            from ext.training.eval_client import VerifiersEval  # needs the optional `verifiers` package
 
             self._verifiers = VerifiersEval(job_config, tokenizer, parallel_dims, self.model_keys, self)
         what = [f"{name} ({_describe(spec)})" for name, spec in self.sources]
@@ -323,7 +316,7 @@ class HeldOutValidator(BaseValidator):
         start = time.perf_counter()
         encoder = _encoder(self.job_config, self.tokenizer)
         built = [(name, self._read_source(spec, encoder)) for name, spec in self.sources]
-        counts = torch.tensor([len(b) for _, b in built], dtype=torch.int64, device=_device())
+        counts = torch.tensor([len(b) for _, b in built], dtype=torch.int64, device=run_device())
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(counts, op=dist.ReduceOp.MAX)
         padding = self._padding_batch(self.job_config.validation.local_batch_size, self.job_config.training.seq_len)
@@ -357,7 +350,7 @@ class HeldOutValidator(BaseValidator):
 
     def _batch_loss(self, model_parts: list[torch.nn.Module], batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss sum, trained tokens) of one batch on this rank (0, 0 on non-last PP stages)."""
-        device = _device()
+        device = run_device()
         input_dict = {k: v.to(device) for k, v in batch[0].items()}
         labels = batch[1].to(device)
         inputs, labels, extra_inputs, extra_kwargs = self.prepare(input_dict, labels, model_parts)
@@ -382,7 +375,7 @@ class HeldOutValidator(BaseValidator):
         """Loss, perplexity and tokens per source and overall (all ranks), and the console text."""
         if self._batches is None:
             self._batches = self._build_batches()
-        totals = torch.zeros(2 * len(self._batches), dtype=torch.float64, device=_device())
+        totals = torch.zeros(2 * len(self._batches), dtype=torch.float64, device=run_device())
         n_batches, done, said = sum(len(b) for _, b in self._batches), 0, time.perf_counter()
         for s, (name, batches) in enumerate(self._batches):
             for batch in batches:
@@ -511,31 +504,24 @@ def taskset_id_problem(env_id: str) -> str | None:
             "(e.g. tests.verifiers_echo from the repository root)")
 
 
-try:  # `python -m ext.cli check` and run_train.sh report [eval] problems before training
-    from ext.preflight import check_fn
-except ImportError:  # pragma: no cover - older trees without the preflight module
-    check_fn = None
+def eval_settings(cfg: Any, launch: Any) -> Iterator[str]:
+    """The ``[eval]`` problems ``python -m ext.cli check`` and run_train.sh report before training."""
+    eval_cfg = getattr(cfg, "eval", None)
+    if eval_cfg is None:
+        return
+    plan = plan_holdout(cfg.data, eval_cfg)
+    if cfg.validation.enable and cfg.data.datasets and not any(plan.heldout) and not eval_cfg.verifiers_envs:
+        yield ("[validation] enable = true but no [data] source has a held-out part; set [eval] "
+               "holdout_fraction (e.g. [0.01]) or [eval] datasets / splits")
+    if eval_cfg.verifiers_envs:
+        import importlib.util
 
-if check_fn is not None:
-
-    @check_fn
-    def eval_settings(cfg: Any, launch: Any) -> Iterator[str]:
-        eval_cfg = getattr(cfg, "eval", None)
-        if eval_cfg is None:
-            return
-        plan = plan_holdout(cfg.data, eval_cfg)
-        if cfg.validation.enable and cfg.data.datasets and not any(plan.heldout) and not eval_cfg.verifiers_envs:
-            yield ("[validation] enable = true but no [data] source has a held-out part; set [eval] "
-                   "holdout_fraction (e.g. [0.01]) or [eval] datasets / splits")
-        if eval_cfg.verifiers_envs:
-            import importlib.util
-
-            if importlib.util.find_spec("verifiers") is None:
-                yield ("[eval] verifiers_envs needs the verifiers package; install it with "
-                       "`pip install -e .[verifiers]` or set [eval] verifiers_envs = []")
-            if cfg.parallelism.pipeline_parallel_degree > 1:
-                yield "[eval] verifiers_envs cannot generate with pipeline parallelism; set [eval] verifiers_envs = []"
-            for env_id in eval_cfg.verifiers_envs:
-                problem = taskset_id_problem(env_id)
-                if problem:
-                    yield problem
+        if importlib.util.find_spec("verifiers") is None:
+            yield ("[eval] verifiers_envs needs the verifiers package; install it with "
+                   "`pip install -e .[verifiers]` or set [eval] verifiers_envs = []")
+        if cfg.parallelism.pipeline_parallel_degree > 1:
+            yield "[eval] verifiers_envs cannot generate with pipeline parallelism; set [eval] verifiers_envs = []"
+        for env_id in eval_cfg.verifiers_envs:
+            problem = taskset_id_problem(env_id)
+            if problem:
+                yield problem

@@ -5,8 +5,8 @@ Model code, parallelisms and the state-dict adapter are torchtitan's
 (segment-aware attention, the packed loader, our LR schedules, the run
 summary, the DDP/gloo fixes) plus:
 
-- weight tying that survives FSDP (:mod:`ext.models.tying`);
-- the ``[moe]`` section and fp32 grouped experts on CPU (:mod:`ext.models.moe`);
+- weight tying that survives FSDP (:mod:`ext.model.tying`);
+- the ``[moe]`` section and fp32 grouped experts on CPU (:mod:`ext.model.moe`);
 - MoE load balancing as Qwen3-MoE trains it, an auxiliary loss
   (``[moe] aux_loss_coeff``, 1e-3 as the released configs'
   ``router_aux_loss_coef``), which an HF export keeps; the bias balancing of
@@ -36,12 +36,10 @@ from torchtitan.models.moe import MoEArgs
 from torchtitan.models.qwen3 import Qwen3Model, Qwen3ModelArgs, qwen3_args
 from torchtitan.models.qwen3.infra.parallelize import parallelize_qwen3
 from torchtitan.models.qwen3.model.state_dict_adapter import Qwen3StateDictAdapter
-from torchtitan.protocols.train_spec import TrainSpec
 
-from ext.models.moe import QWEN3_AUX_LOSS_COEFF, balanced_moe_args, install_routed_moe, moe_args_from_config
-from ext.models.segments import SegmentMasking, convert_args, with_segment_args
-from ext.models.spec import ext_train_spec
-from ext.models.tying import TiedArgs
+from ext.model.moe import QWEN3_AUX_LOSS_COEFF, balanced_moe_args, install_routed_moe, moe_args_from_config
+from ext.model.segments import SegmentMasking, convert_args, with_segment_args
+from ext.model.tying import TiedArgs
 
 QWEN3_SPEC_NAME = "ext_qwen3"
 
@@ -67,7 +65,7 @@ SegmentQwen3Args = with_segment_args(Qwen3Args)
 
 
 class SegmentQwen3(SegmentMasking, Qwen3Model):
-    """torchtitan's Qwen3 with segment-masked attention and :class:`ext.models.moe.RoutedMoE`."""
+    """torchtitan's Qwen3 with segment-masked attention and :class:`ext.model.moe.RoutedMoE`."""
 
     def __init__(self, model_args: SegmentQwen3Args):
         super().__init__(model_args)
@@ -128,8 +126,9 @@ def qwen3_flavors() -> dict[str, SegmentQwen3Args]:
     return flavors
 
 
-def qwen3_train_spec() -> TrainSpec:
-    return ext_train_spec(
+def qwen3_parts() -> dict[str, Any]:
+    """The model side of the ``ext_qwen3`` train spec (:mod:`ext.specs` adds the rest)."""
+    return dict(
         model_cls=SegmentQwen3,
         model_args=qwen3_flavors(),
         parallelize_fn=parallelize_qwen3,

@@ -12,7 +12,7 @@ and, unless ``[metrics] summary_file`` is empty, writes the same figures and
 the per-step history as JSON under ``job.dump_folder``. Tokens/s counts the
 steps after the first logged one, so start-up and warm-up do not dilute it.
 
-FLOPs and MFU (:mod:`ext.flops`): every log counts the model FLOPs of the
+FLOPs and MFU (:mod:`ext.training.flops`): every log counts the model FLOPs of the
 batches trained since the previous log over their non-padding tokens (SFT
 prompts included), in two conventions, each named: ``palm`` (``6 N + 12 L H
 d S`` per token, as torchtitan and published MFU count) and ``exact`` (the
@@ -22,7 +22,7 @@ rows). torchtitan's own ``tflops`` and ``mfu`` columns show the palm
 figure; a ``flops:`` line, TensorBoard (``flops/...``) and the history add
 tokens/s (all, non-padding, trained), model FLOP/s and ``mfu_palm`` /
 ``mfu_exact`` side by side, hardware FLOP/s (with activation recomputation)
-and HFU, against the peak of :func:`ext.flops.peak_from_config` ("n/a"
+and HFU, against the peak of :func:`ext.training.flops.peak_from_config` ("n/a"
 when unknown). That peak also replaces torchtitan's ``get_peak_flops`` (no
 ``lspci``, no A100 fallback).
 """
@@ -42,8 +42,8 @@ from torchtitan.tools.logging import logger
 from torchtitan.tools.utils import NoColor
 
 from ext.data.loader import LOADER_STATS
-from ext.flops import FlopsMeter, UnsupportedModel, build_meter, install_peak_lookup, peak_from_config
-from ext.logs import use_color
+from ext.training.flops import FlopsMeter, UnsupportedModel, build_meter, install_peak_lookup, peak_from_config
+from ext.core.logs import use_color
 
 
 def _is_rank0() -> bool:
@@ -60,12 +60,12 @@ class SummaryMetricsProcessor(MetricsProcessor):
         peak = peak_from_config(job_config)
         install_peak_lookup(peak)  # before torchtitan's __init__ asks for it
         super().__init__(job_config, parallel_dims, tag)
-        if not use_color():  # colour codes only on a terminal (ext.logs)
+        if not use_color():  # colour codes only on a terminal (ext.core.logs)
             self.color = NoColor()
         self._flops = _flops_meter(job_config, parallel_dims, model_args, peak)
         self.history: list[dict[str, float]] = []
         self._mix_tokens: dict[str, float] = {}  # tokens per source since the start (data: line)
-        self.eval_history: list[dict[str, float]] = []  # ext.eval results, one entry per evaluation
+        self.eval_history: list[dict[str, float]] = []  # ext.training.eval results, one entry per evaluation
         self._timed_tokens = 0
         self._timed_since: float | None = None
         self._timed_until: float | None = None
@@ -202,7 +202,7 @@ class SummaryMetricsProcessor(MetricsProcessor):
         }
 
     def log_eval(self, step: int, metrics: dict[str, float], seconds: float) -> None:
-        """Evaluation results (:mod:`ext.eval`) to TensorBoard and the summary; the
+        """Evaluation results (:mod:`ext.training.eval`) to TensorBoard and the summary; the
         ``seconds`` spent evaluating are left out of the training throughput."""
         self.logger.log(metrics, step)
         self.eval_history.append({"step": step, **{k: float(v) for k, v in metrics.items()}, "seconds": seconds})

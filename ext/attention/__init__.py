@@ -1,1 +1,0 @@
-"""Segment-aware attention: masks for every backend, and SkyLadder."""
