@@ -7,8 +7,9 @@
         [--allow-routing-drift]
 
 writes ``model-0000i-of-0000n.safetensors`` shards (at most ``--max-shard-size``
-each, except a single tensor larger than that), ``model.safetensors.index.json``,
-``config.json``, ``generation_config.json`` and the tokenizer files, so that
+each, except a single tensor larger than that, which gets a shard of its own),
+``model.safetensors.index.json``, ``config.json``, ``generation_config.json``
+and the tokenizer files, so that
 ``transformers.AutoModelForCausalLM.from_pretrained(out)`` loads the model.
 
 How:
@@ -29,7 +30,9 @@ How:
   (``to_hf``), called per block, so any adapter whose keys are per block
   works (torchtitan's Llama-3 with its wq/wk RoPE permutation, Qwen3 with
   MoE experts split into one tensor each). With tied embeddings the head is
-  written once (``model.embed_tokens.weight``; ``tie_word_embeddings`` is true).
+  written once (``model.embed_tokens.weight``; ``tie_word_embeddings`` is
+  true): ``to_hf`` leaves ``lm_head.weight`` out, the one place that drops it
+  for this command and for ``last_save_in_hf`` alike.
   MoE routing biases (``moe.expert_bias``, trained by ``[moe]
   load_balance_coeff``) have no HF counterpart: when any is nonzero the
   export is refused (exit 2) before anything is written, since the HF model
@@ -38,6 +41,18 @@ How:
   config) writes it anyway, without the biases, with a warning. Models
   balanced by ``[moe] aux_loss_coeff`` (the default) have no biases and
   export exactly.
+- The safetensors and the index are written by
+  :func:`ext.model.hf.save_hf_weights`: huggingface_hub's
+  ``split_torch_state_dict_into_shards`` plans the shards from the converted
+  names, shapes and dtypes (every block is first converted on the meta
+  device), so the split and the index are the hub's (and transformers') for
+  the same tensors, and each shard is written as soon as its last tensor has
+  been read. One difference from the hub: a single shard is named
+  ``model-00001-of-00001.safetensors`` and has an index too, as torch's
+  writer names it for ``last_save_in_hf``. The folder is then checked and
+  completed by :func:`ext.model.hf.complete_hf_folder`, as a
+  ``last_save_in_hf`` folder is. ``--max-shard-size`` reads KB..TB as powers
+  of 10, as the hub and transformers do, and also KiB..TiB and plain bytes.
 - ``config.json`` comes from :func:`ext.model.hf.hf_config_for`
   (``max_position_embeddings`` is the flavor's released context, not
   ``training.seq_len``); token ids and
@@ -56,7 +71,6 @@ How:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -66,22 +80,20 @@ import warnings
 from typing import Any
 
 from ext.core.errors import ConfigError
-from ext.model.hf import write_hf_metadata
+from ext.model import hf
 
 DTYPES = ("float32", "bfloat16")
 PROGRESS_MIN_BYTES = 256 * 2**20
 _LAYER = re.compile(r"layers\.(\d+)\.")
-_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*", re.IGNORECASE)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 def parse_size(text: str) -> int:
-    """Bytes in ``"5GB"`` (10^9), ``"500MiB"`` (2^20), ``"123"`` (bytes); as transformers reads them."""
-    match = _SIZE.fullmatch(text)
-    if not match or float(match.group(1)) <= 0:
-        raise ConfigError(f"--max-shard-size {text!r} is not a size; write e.g. 5GB, 500MB or 2GiB")
-    return int(float(match.group(1)) * _UNITS[(match.group(2) or "b").lower()])
+    """``--max-shard-size`` in bytes (:func:`ext.model.hf.parse_size`: 5GB is
+    10^9 bytes as transformers reads it, 2GiB 2^30, 123 bytes); ConfigError otherwise."""
+    try:
+        return hf.parse_size(text)
+    except ValueError as exc:
+        raise ConfigError(f"--max-shard-size {exc}") from None
 
 
 # ------------------------------------------------------------------ checkpoint
@@ -228,59 +240,6 @@ def _groups(keys: list[str]) -> list[list[str]]:
     return [g for g in [head, *(blocks[i] for i in sorted(blocks)), tail] if g]
 
 
-def _own_storage(tensor: Any) -> Any:
-    """``tensor``, copied if it views a larger storage (safetensors refuses
-    shared storage, e.g. the experts split from one stacked tensor)."""
-    whole = tensor.storage_offset() == 0 and \
-        tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
-    return tensor if whole else tensor.clone()
-
-
-class _ShardWriter:
-    """Safetensors shards of at most ``max_bytes`` (a larger tensor gets its own)."""
-
-    def __init__(self, folder: str, max_bytes: int):
-        self.folder, self.max_bytes = folder, max_bytes
-        self.current: dict[str, Any] = {}
-        self.current_bytes = 0
-        self.parts: list[list[str]] = []
-        self.total_bytes = 0
-
-    def add(self, name: str, tensor: Any) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.current and self.current_bytes + nbytes > self.max_bytes:
-            self._flush()
-        self.current[name] = tensor
-        self.current_bytes += nbytes
-        self.total_bytes += nbytes
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self.current:
-            return
-        save_file(self.current, self._part(len(self.parts)), metadata={"format": "pt"})
-        self.parts.append(list(self.current))
-        self.current, self.current_bytes = {}, 0
-
-    def _part(self, i: int) -> str:
-        return os.path.join(self.folder, f"part-{i}.safetensors.tmp")
-
-    def finish(self) -> int:
-        """Name the shards ``model-0000i-of-0000n.safetensors``, write the index; return n."""
-        self._flush()
-        n = len(self.parts)
-        weight_map = {}
-        for i, names in enumerate(self.parts):
-            file = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self._part(i), os.path.join(self.folder, file))
-            weight_map.update(dict.fromkeys(names, file))
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        with open(os.path.join(self.folder, "model.safetensors.index.json"), "w") as f:
-            json.dump(index, f, indent=2, sort_keys=True)
-        return n
-
-
 def _check_out(out: str, overwrite: bool) -> None:
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--out {out} is a file; give a folder")
@@ -333,8 +292,6 @@ def dcp_to_hf(
     from torchtitan.protocols.train_spec import get_train_spec
     from tqdm import tqdm
 
-    from ext.model.tying import is_tied
-
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     out = os.path.abspath(out)
@@ -369,32 +326,38 @@ def dcp_to_hf(
                 f"[model] {model_name} expects {shape}; pass the config it was trained with"
             )
         keys.append(key)
-    adapter = spec.state_dict_adapter(model_args, None)
-    tied = is_tied(model_args)
+    adapter = spec.state_dict_adapter(model_args, None)  # to_hf leaves a tied head out
     torch_dtype = getattr(torch, dtype)
-    total = sum(meta[k].size.numel() * meta[k].properties.dtype.itemsize for k in keys)
+
+    def as_written(hf_state: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in hf_state.items()}
+
+    def nbytes(group: list[str]) -> int:
+        return sum(meta[k].size.numel() * meta[k].properties.dtype.itemsize for k in group)
+
+    groups = _groups(keys)
+    layout: dict[str, Any] = {}  # every HF tensor, in writing order, converted on the meta device
+    for group in groups:
+        layout.update(hf.meta_layout(as_written(adapter.to_hf({
+            k: torch.empty(tuple(meta[k].size), dtype=meta[k].properties.dtype, device="meta") for k in group
+        }))))
+    total = nbytes(keys)
 
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
     try:
-        writer = _ShardWriter(tmp, max_shard_size)
         show = progress if progress is not None else total >= PROGRESS_MIN_BYTES
         with tqdm(total=total, unit="B", unit_scale=True, desc="dcp-to-hf", disable=not show,
                   file=sys.stderr, mininterval=1.0) as bar:
-            for group in _groups(keys):
-                native = _load(checkpoint, meta, group)
-                hf_state = adapter.to_hf(native)
-                if tied:
-                    hf_state.pop("lm_head.weight", None)
-                for name, tensor in hf_state.items():
-                    if tensor.is_floating_point():
-                        tensor = tensor.to(torch_dtype)
-                    writer.add(name, _own_storage(tensor.contiguous()))
-                bar.update(sum(meta[k].size.numel() * meta[k].properties.dtype.itemsize for k in group))
-        n_tensors = sum(len(p) for p in writer.parts) + len(writer.current)
-        shards = writer.finish()
-        copied = write_hf_metadata(tmp, model_args, dtype=dtype, tokenizer_dir=tokenizer_dir,
-                                   model_name=model_name)
+
+            def converted():  # one conversion unit (a transformer block) in memory at a time
+                for group in groups:
+                    yield as_written(adapter.to_hf(_load(checkpoint, meta, group)))
+                    bar.update(nbytes(group))
+
+            plan = hf.save_hf_weights(tmp, converted(), layout=layout, max_shard_size=max_shard_size)
+        copied = hf.complete_hf_folder(tmp, model_args, dtype=dtype, tokenizer_dir=tokenizer_dir,
+                                       model_name=model_name, layout=layout)
         _check_out(out, overwrite)  # still allowed after the conversion
         _publish(tmp, out)
     except BaseException:
@@ -406,7 +369,8 @@ def dcp_to_hf(
             f"(moe.expert_bias, max |bias| {max(biased.values()):.3g}); the export routes without them "
             "and picks other experts for some tokens", file=sys.stderr,
         )
-    return {"tensors": n_tensors, "bytes": writer.total_bytes, "shards": shards,
+    return {"tensors": len(plan.tensor_to_filename), "bytes": plan.metadata["total_size"],
+            "shards": len(plan.filename_to_tensors),
             "tokenizer_files": copied, "out": out, "biased_layers": len(biased)}
 
 

@@ -10,7 +10,9 @@ import json
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from huggingface_hub import save_torch_state_dict, split_torch_state_dict_into_shards
 from safetensors import safe_open
+from torch.distributed.checkpoint import HuggingFaceStorageWriter
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torchtitan.protocols.train_spec import get_train_spec
 from transformers import AutoModelForCausalLM
@@ -18,7 +20,8 @@ from transformers import AutoModelForCausalLM
 import ext.job_config  # noqa: F401  (registers our specs)
 from ext.cli import main as cli_main
 from ext.export import dcp_to_hf, parse_size
-from ext.model.hf import read_safetensors
+from ext.model.hf import HFFolderError, complete_hf_folder, read_safetensors
+from ext.training.checkpoint import SafeCheckpointManager
 
 from .conftest import DEBUG_CONFIG, TOKENIZER, run_command, run_train
 
@@ -293,3 +296,132 @@ def test_last_save_in_hf_with_routing_biases_is_refused_before_training(tmp_path
     assert "error: [checkpoint] last_save_in_hf with [moe] load_balance_coeff = 0.001" in proc.output
     assert "Traceback" not in proc.output
     assert not (tmp_path / "out" / "checkpoint").exists()
+
+
+# ------------------- one HF writer: huggingface_hub's split, the tied head, sizes
+
+
+def _checkpoint(tmp_path, spec: str, flavor: str, seed: int = 3):
+    ours = our_model(spec, flavor, seed=seed)
+    dcp.save(get_model_state_dict(ours), checkpoint_id=str(tmp_path / "step-0"), no_dist=True)
+    return ours, tmp_path / "step-0"
+
+
+def _hub_folder(ours, spec: str, folder, max_shard_size) -> dict:
+    """What huggingface_hub's save_torch_state_dict writes for our model's HF state dict."""
+    adapter = get_train_spec(spec).state_dict_adapter(ours.model_args, None)
+    state = {k: v.detach().clone() for k, v in adapter.to_hf(ours.state_dict()).items()}
+    folder.mkdir()
+    save_torch_state_dict(state, str(folder), max_shard_size=max_shard_size)
+    return state
+
+
+def _shards(folder) -> dict[str, dict[str, torch.Tensor]]:
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            out[file.name] = {k: f.get_tensor(k) for k in f.keys()}
+            assert f.metadata() == {"format": "pt"}
+    return out
+
+
+def _same_shards(a, b) -> None:
+    shards_a, shards_b = _shards(a), _shards(b)
+    assert {f: sorted(t) for f, t in shards_a.items()} == {f: sorted(t) for f, t in shards_b.items()}
+    for file, tensors in shards_a.items():
+        assert all(torch.equal(v, shards_b[file][k]) for k, v in tensors.items())
+
+
+def test_export_shards_and_index_are_what_huggingface_hub_writes(tmp_path):
+    # 150 kB: each 192 kB MLP matrix exceeds it and gets a shard of its own, while
+    # the attention and norm tensors around it keep filling the current shard
+    ours, checkpoint = _checkpoint(tmp_path, "ext_llama3", "tiny")
+    _hub_folder(ours, "ext_llama3", tmp_path / "hub", 150_000)
+    summary = dcp_to_hf(str(checkpoint), str(tmp_path / "hf"), model_name="ext_llama3",
+                        model_args=copy.deepcopy(ours.model_args), tokenizer_dir=None,
+                        max_shard_size=150_000)
+    hub_index = json.loads((tmp_path / "hub" / "model.safetensors.index.json").read_text())
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert index == hub_index and summary["shards"] == len(set(index["weight_map"].values())) > 1
+    assert summary["bytes"] == index["metadata"]["total_size"]
+    _same_shards(tmp_path / "hf", tmp_path / "hub")
+    assert max_logit_difference(tmp_path / "hf", ours) < 1e-4
+
+
+@pytest.mark.parametrize("size", ["150KiB", "0.2MB"])
+def test_a_max_shard_size_string_splits_as_the_hub_splits_its_byte_count(tmp_path, size):
+    ours, checkpoint = _checkpoint(tmp_path, "ext_llama3", "tiny")
+    _hub_folder(ours, "ext_llama3", tmp_path / "hub", parse_size(size))
+    assert cli_main(["dcp-to-hf", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "hf"),
+                     "--max-shard-size", size]) == 0
+    _same_shards(tmp_path / "hf", tmp_path / "hub")
+    if size.endswith("MB"):  # the hub reads decimal units itself: the same bytes
+        assert split_torch_state_dict_into_shards(ours.state_dict(), max_shard_size=size) == \
+            split_torch_state_dict_into_shards(ours.state_dict(), max_shard_size=parse_size(size))
+
+
+def test_a_bad_max_shard_size_is_one_error_line(tmp_path, capsys):
+    assert cli_main(["dcp-to-hf", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "hf"),
+                     "--max-shard-size", "5XB"]) == 2
+    assert capsys.readouterr().err == \
+        "error: --max-shard-size '5XB' is not a size; write e.g. 5GB, 500MB or 2GiB\n"
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("spec,flavor", [("ext_llama3", "tiny_tied"), ("ext_qwen3", "tiny_moe_tied")])
+def test_a_tied_head_is_written_once_and_transformers_ties_it(tmp_path, capsys, spec, flavor):
+    ours, checkpoint = _checkpoint(tmp_path, spec, flavor)
+    dcp_to_hf(str(checkpoint), str(tmp_path / "hf"), model_name=spec, model_args=copy.deepcopy(ours.model_args),
+              tokenizer_dir=None, progress=True)
+    assert "dcp-to-hf: 100%" in capsys.readouterr().err  # the progress bar, forced on
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert "lm_head.weight" not in index["weight_map"] and "lm_head.weight" not in read_safetensors(tmp_path / "hf")
+    assert set(index["weight_map"].values()) == {"model-00001-of-00001.safetensors"}
+    hf_model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32)
+    assert hf_model.lm_head.weight.data_ptr() == hf_model.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(hf_model.lm_head.weight, ours.output.weight.detach())
+
+
+def _hf_state(ours, spec):
+    adapter = get_train_spec(spec).state_dict_adapter(ours.model_args, None)
+    return {k: v.detach().clone() for k, v in adapter.to_hf(ours.state_dict()).items()}
+
+
+class _Adapter:
+    def __init__(self, model_args):
+        self.model_args, self.hf_assets_path = model_args, str(TOKENIZER)
+
+
+def _last_save_in_hf_completion(folder, model_args):
+    """SafeCheckpointManager's completion of a last_save_in_hf folder, on one process."""
+    manager = object.__new__(SafeCheckpointManager)
+    manager.sd_adapter, manager.states, manager.export_dtype = _Adapter(model_args), {}, torch.float32
+    manager._complete_hf_folder(str(folder))
+
+
+def _torch_hf_save(folder, state) -> None:
+    """torch's HuggingFaceStorageWriter, as torchtitan's last_save_in_hf uses it (one process)."""
+    folder.mkdir()
+    dcp.save(state, no_dist=True,
+             storage_writer=HuggingFaceStorageWriter(str(folder), save_distributed=True, enable_consolidation=True))
+
+
+def test_last_save_in_hf_completion_checks_the_folder_and_writes_the_metadata(tmp_path):
+    ours = our_model("ext_llama3", "tiny_tied", seed=4)
+    _torch_hf_save(tmp_path / "step-2", _hf_state(ours, "ext_llama3"))
+    _last_save_in_hf_completion(tmp_path / "step-2", ours.model_args)
+    assert FILES <= {p.name for p in (tmp_path / "step-2").iterdir()} and not (tmp_path / "step-2" / "sharded").exists()
+    assert max_logit_difference(tmp_path / "step-2", ours) < 1e-4
+
+
+def test_a_last_save_in_hf_folder_with_a_second_head_for_a_tied_model_gets_no_config(tmp_path, caplog):
+    ours = our_model("ext_llama3", "tiny_tied", seed=4)
+    folder = tmp_path / "step-2"
+    state = _hf_state(ours, "ext_llama3")
+    _torch_hf_save(folder, {**state, "lm_head.weight": state["model.embed_tokens.weight"].clone()})
+    with caplog.at_level("WARNING"):
+        _last_save_in_hf_completion(folder, ours.model_args)
+    assert "not a complete Hugging Face folder" in caplog.text and "lm_head.weight" in caplog.text
+    assert not (folder / "config.json").exists()
+    with pytest.raises(HFFolderError, match=r"unexpected \['lm_head.weight'\]"):
+        complete_hf_folder(folder, ours.model_args, dtype="float32", tokenizer_dir=None)

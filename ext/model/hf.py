@@ -11,7 +11,13 @@ tests, notebooks):
   ``to_hf(state_dict)`` / ``from_hf(hf_state_dict)``), the one torchtitan
   uses for ``[checkpoint] initial_load_in_hf`` and ``last_save_in_hf``;
 - :func:`load_hf_weights` loads a folder of ``*.safetensors`` in HF names
-  into one of our models.
+  into one of our models;
+- :func:`save_hf_weights` is the one HF writer (shards planned by
+  huggingface_hub's ``split_torch_state_dict_into_shards``, the index, one
+  shard in memory at a time), and :func:`complete_hf_folder` checks a folder's
+  index against the model and writes config.json, generation_config.json and
+  the tokenizer files; ``dcp-to-hf`` uses both, a ``last_save_in_hf`` save
+  the second (see "weights" below).
 
 Adapters: Llama-3 is torchtitan's ``Llama3StateDictAdapter`` (which permutes
 wq/wk between torchtitan's interleaved RoPE and HF's rotate-half layout)
@@ -27,8 +33,11 @@ told to drift), and stay 0 when importing.
 """
 
 import functools
+import json
 import os
+import re
 import shutil
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -308,3 +317,226 @@ def _model_name_for_args(model_args: Any) -> str:
     if isinstance(model_args, TransformerModelArgs):
         return "ext_llama3"
     raise ConfigError(f"no Hugging Face mapping for model args {type(model_args).__name__}")
+
+
+# ------------------------------------------------------------------ weights
+#
+# The one Hugging Face writer. Both kinds of HF folder this package makes end
+# in the same completion step:
+#
+# - ``python -m ext.cli dcp-to-hf`` writes its shards with :func:`save_hf_weights`
+#   (one transformer block read at a time) and completes the folder with
+#   :func:`complete_hf_folder`;
+# - a ``last_save_in_hf`` save keeps torchtitan's own weights writer, torch's
+#   ``HuggingFaceStorageWriter``: every rank writes its part and the parts are
+#   consolidated on disk, where gathering the model on one rank to write it
+#   here would need the whole model in that rank's memory. Its folder is then
+#   completed by :func:`complete_hf_folder` (rank 0), the single place that
+#   checks the index against the model and writes config.json,
+#   generation_config.json and the tokenizer files.
+#
+# The tied head is dropped in one place, the train spec's ``to_hf``
+# (``Llama3HFAdapter``, torchtitan's ``Qwen3StateDictAdapter``), which both
+# paths call; :func:`hf_layout_for` derives the expected tensors from the same
+# ``to_hf``, so neither folder can hold ``lm_head.weight`` for a tied model.
+
+HF_INDEX = "model.safetensors.index.json"
+HF_WEIGHTS_PATTERN = "model{suffix}.safetensors"  # huggingface_hub's (and transformers') default
+HF_ONE_SHARD = "model-00001-of-00001.safetensors"
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a shard size: ``"5GB"`` (10^9), ``"500MiB"`` (2^20), ``"123"`` (bytes).
+
+    KB/MB/GB/TB (any case) are powers of 10, as huggingface_hub's
+    ``split_torch_state_dict_into_shards`` and transformers read them (the
+    hub's parser, which is not public, knows only these four units); KiB..TiB
+    (powers of 2), B and plain byte counts are read too. Raises ValueError for
+    anything else, and for zero.
+    """
+    match = _SIZE.fullmatch(text)
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"{text!r} is not a size; write e.g. 5GB, 500MB or 2GiB")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "b").lower()])
+
+
+def own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` contiguous and alone in its storage (copied when it views a
+    larger one, e.g. one expert split from the stacked experts): safetensors
+    refuses tensors that share memory, and huggingface_hub's planner counts a
+    view as its whole storage."""
+    tensor = tensor.contiguous()
+    whole = tensor.storage_offset() == 0 and \
+        tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    return tensor if whole else tensor.clone()
+
+
+def meta_layout(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Meta tensors with the names, shapes and dtypes of ``tensors``, each in its own storage."""
+    return {k: torch.empty(tuple(v.shape), dtype=v.dtype, device="meta") for k, v in tensors.items()}
+
+
+def hf_layout_for(model_name: str, model_args: Any) -> dict[str, torch.Tensor]:
+    """HF name -> meta tensor (shape; dtype as built) of every tensor an HF
+    folder of this model holds: the model built on the meta device, converted
+    by the train spec's ``to_hf``. A tied model has no ``lm_head.weight``."""
+    from torchtitan.protocols.train_spec import get_train_spec
+
+    with torch.device("meta"):
+        model = get_train_spec(model_name).model_cls(model_args)
+    adapter = state_dict_adapter_for(model_name)(model_args, None)
+    return meta_layout(adapter.to_hf(model.state_dict()))
+
+
+def plan_hf_shards(layout: Mapping[str, torch.Tensor], max_shard_size: int | str) -> Any:
+    """huggingface_hub's ``split_torch_state_dict_into_shards`` of ``layout``
+    (a ``StateDictSplit``: ``filename_to_tensors``, ``tensor_to_filename``,
+    ``metadata["total_size"]``).
+
+    Tensors fill shards in ``layout`` order; a tensor larger than
+    ``max_shard_size`` gets a shard of its own. ``layout`` may hold meta
+    tensors: only shapes and dtypes count, each tensor in its own storage. A
+    string size is read by :func:`parse_size`. One difference from the hub's
+    naming: a single shard is ``model-00001-of-00001.safetensors`` (with an
+    index), as torch's ``HuggingFaceStorageWriter`` names it for
+    ``last_save_in_hf``, rather than ``model.safetensors``; transformers loads both.
+    """
+    from huggingface_hub import StateDictSplit, split_torch_state_dict_into_shards
+
+    if not layout:
+        raise ValueError("no tensors to write")
+    size = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+    split = split_torch_state_dict_into_shards(
+        meta_layout(layout), filename_pattern=HF_WEIGHTS_PATTERN, max_shard_size=size
+    )
+    if split.is_sharded:
+        return split
+    names = list(layout)
+    return StateDictSplit(metadata=split.metadata, filename_to_tensors={HF_ONE_SHARD: names},
+                          tensor_to_filename=dict.fromkeys(names, HF_ONE_SHARD))
+
+
+def save_hf_weights(
+    folder: str | Path,
+    tensors: Mapping[str, torch.Tensor] | Iterable[Mapping[str, torch.Tensor]],
+    *,
+    max_shard_size: int | str = 5 * 10**9,
+    layout: Mapping[str, torch.Tensor] | None = None,
+) -> Any:
+    """Write HF-named tensors into ``folder`` as safetensors shards of at most
+    ``max_shard_size`` bytes, plus ``model.safetensors.index.json``; return the
+    plan (:func:`plan_hf_shards`).
+
+    ``tensors`` is one state dict, or an iterable of state dicts (e.g. one per
+    transformer block) whose tensors are not all in memory at once; then
+    ``layout`` (see :func:`meta_layout`) gives every name, shape and dtype in
+    order beforehand, the shards are planned from it, and each shard is written
+    as soon as its last tensor arrives, so memory holds about one shard plus
+    one chunk. The files and the index are what huggingface_hub's
+    ``save_torch_state_dict`` writes for the same tensors in that order (same
+    split, ``{"format": "pt"}`` metadata, ``total_size``), except the naming of
+    a single shard (:func:`plan_hf_shards`). Raises ValueError, leaving partial
+    files, for a tensor that is not in the layout, arrives twice, or has
+    another shape or dtype, and for tensors that never arrive.
+    """
+    from safetensors.torch import save_file
+
+    if isinstance(tensors, Mapping):
+        chunks: Iterable[Mapping[str, torch.Tensor]] = [tensors]
+        layout = tensors if layout is None else layout
+    elif layout is None:
+        raise TypeError("save_hf_weights: give the layout of tensors that arrive in chunks")
+    else:
+        chunks = tensors
+    plan = plan_hf_shards(layout, max_shard_size)
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in layout.items()}
+    pending: dict[str, dict[str, torch.Tensor]] = {file: {} for file in plan.filename_to_tensors}
+    seen: set[str] = set()
+    for chunk in chunks:
+        for name, tensor in chunk.items():
+            if name not in expected or name in seen:
+                raise ValueError(f"{name}: {'given twice' if name in seen else 'not one of the planned tensors'}")
+            if (tuple(tensor.shape), tensor.dtype) != expected[name]:
+                raise ValueError(f"{name}: {tuple(tensor.shape)} {tensor.dtype}, planned as "
+                                 f"{expected[name][0]} {expected[name][1]}")
+            seen.add(name)
+            file = plan.tensor_to_filename[name]
+            pending[file][name] = own_storage(tensor)
+            if len(pending[file]) == len(plan.filename_to_tensors[file]):
+                shard = pending.pop(file)
+                save_file({k: shard[k] for k in plan.filename_to_tensors[file]},
+                          os.path.join(folder, file), metadata={"format": "pt"})
+    if pending:
+        missing = sorted(expected.keys() - seen)
+        raise ValueError(f"{len(missing)} planned tensor(s) never arrived: {missing[:3]}")
+    with open(os.path.join(folder, HF_INDEX), "w") as f:
+        json.dump({"metadata": dict(plan.metadata), "weight_map": plan.tensor_to_filename}, f,
+                  indent=2, sort_keys=True)
+    return plan
+
+
+class HFFolderError(ValueError):
+    """An HF folder whose index or shards do not hold the model's tensors."""
+
+
+def check_hf_index(folder: str | Path, layout: Mapping[str, torch.Tensor]) -> int:
+    """Raise :class:`HFFolderError` unless ``folder/model.safetensors.index.json`` maps
+    exactly the names of ``layout`` to shard files that hold them with
+    ``layout``'s shapes (read from the safetensors headers only). Returns the
+    number of shard files."""
+    from safetensors import safe_open
+
+    path = os.path.join(folder, HF_INDEX)
+    try:
+        with open(path) as f:
+            weight_map = json.load(f)["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise HFFolderError(f"{path} is not a readable safetensors index ({exc})") from None
+    missing, extra = sorted(layout.keys() - weight_map.keys()), sorted(weight_map.keys() - layout.keys())
+    if missing or extra:
+        raise HFFolderError(f"{path} does not list the model's tensors: missing {missing[:3]}, unexpected {extra[:3]}")
+    by_file: dict[str, list[str]] = {}
+    for name, file in weight_map.items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        shard = os.path.join(folder, file)
+        if not os.path.isfile(shard):
+            raise HFFolderError(f"{path} names {file}, which is not in {folder}")
+        with safe_open(shard, "pt") as f:
+            held = set(f.keys())
+            for name in names:
+                if name not in held:
+                    raise HFFolderError(f"{shard} has no {name}, which the index puts there")
+                if tuple(f.get_slice(name).get_shape()) != tuple(layout[name].shape):
+                    raise HFFolderError(f"{shard}: {name} has shape {tuple(f.get_slice(name).get_shape())}, "
+                                        f"the model {tuple(layout[name].shape)}")
+    return len(by_file)
+
+
+def complete_hf_folder(
+    folder: str | Path,
+    model_args: Any,
+    *,
+    dtype: Any,
+    tokenizer_dir: str | None,
+    model_name: str | None = None,
+    layout: Mapping[str, torch.Tensor] | None = None,
+) -> list[str]:
+    """Make a folder of HF safetensors and their index loadable by transformers.
+
+    Checks the index against the model (:func:`check_hf_index`; ``layout``
+    defaults to :func:`hf_layout_for` the model), then writes config.json,
+    generation_config.json and the tokenizer files (:func:`write_hf_metadata`).
+    Used for ``dcp-to-hf`` and for ``last_save_in_hf`` folders. Raises
+    :class:`HFFolderError`, having written nothing, when the weights do not
+    match (ConfigError for a model HF cannot express, as :func:`hf_config_for`).
+    Returns the tokenizer files copied.
+    """
+    if model_name is None:
+        model_name = _model_name_for_args(model_args)
+    check_hf_index(folder, hf_layout_for(model_name, model_args) if layout is None else layout)
+    return write_hf_metadata(str(folder), model_args, dtype=dtype, tokenizer_dir=tokenizer_dir,
+                             model_name=model_name)

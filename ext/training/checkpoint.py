@@ -42,9 +42,10 @@ leaves open, and :class:`SafeCheckpointManager` closes:
   0 deletes the old commit marker before the save starts.
 - ``last_save_in_hf`` (torch's ``HuggingFaceStorageWriter`` with
   consolidation) wrote only the safetensors and their index, plus the
-  ``sharded/`` copy. Here rank 0 then adds ``config.json``,
-  ``generation_config.json`` and the tokenizer files and removes ``sharded/``,
-  so ``transformers`` loads the folder directly.
+  ``sharded/`` copy. Here rank 0 then removes ``sharded/``, checks the index
+  against the model and adds ``config.json``, ``generation_config.json`` and
+  the tokenizer files (``ext.model.hf.complete_hf_folder``, as ``dcp-to-hf``
+  does), so ``transformers`` loads the folder directly.
 
 :func:`install_checkpoint_manager` (called when ``ext.job_config`` is
 imported) makes every torchtitan ``CheckpointManager`` built afterwards this
@@ -513,10 +514,20 @@ class SafeCheckpointManager(CheckpointManager):
     # ------------------------------------------------------------ HF last save
 
     def _complete_hf_folder(self, path: str) -> None:
-        """Make a ``last_save_in_hf`` folder loadable by transformers (rank 0)."""
+        """Make a ``last_save_in_hf`` folder loadable by transformers (rank 0).
+
+        torch's ``HuggingFaceStorageWriter`` (torchtitan's) keeps writing the
+        weights, since every rank writes its own part; the folder is then
+        checked and completed by :func:`ext.model.hf.complete_hf_folder`, the
+        step ``dcp-to-hf`` ends with too: its index must list exactly the
+        model's HF tensors (no ``lm_head.weight`` when tied: ``to_hf`` left it
+        out) with their shapes, then config.json, generation_config.json and the
+        tokenizer files are written. A folder that fails the check gets a
+        warning and no config.json, so transformers does not load it.
+        """
         if _rank() != 0:
             return
-        from ext.model.hf import write_hf_metadata
+        from ext.model.hf import HFFolderError, complete_hf_folder
 
         adapter = self.sd_adapter
         model_args = getattr(adapter, "model_args", None)
@@ -537,12 +548,19 @@ class SafeCheckpointManager(CheckpointManager):
                 f"{path}: [moe] allow_routing_drift: the MoE routing biases (moe.expert_bias) are not "
                 "in this Hugging Face folder; it picks other experts for some tokens than the trained model."
             )
-        write_hf_metadata(
-            path,
-            model_args,
-            dtype=self.export_dtype,
-            tokenizer_dir=getattr(adapter, "hf_assets_path", None),
-        )
+        try:
+            complete_hf_folder(
+                path,
+                model_args,
+                dtype=self.export_dtype,
+                tokenizer_dir=getattr(adapter, "hf_assets_path", None),
+            )
+        except HFFolderError as exc:
+            logger.warning(
+                f"{path}: not a complete Hugging Face folder ({exc}); no config.json was written. "
+                "Convert the last full DCP checkpoint with `python -m ext.cli dcp-to-hf` instead."
+            )
+            return
         logger.info(f"{path}: Hugging Face folder (config, generation config, tokenizer) complete.")
 
 
