@@ -209,7 +209,8 @@ def test_varlen_model_runs_grouped_query_attention():
 @NEEDS_COMPILER
 def test_torchtitans_block_compile_keeps_the_document_masked_logits_and_gradients():
     """[compile] enable: torchtitan compiles each block (fullgraph); the dense mask
-    the model hands its attention modules must reach the compiled blocks."""
+    the model passes its layers must reach the compiled blocks, and no module
+    keeps it after the step."""
     from torchtitan.config.job_config import Compile
     from torchtitan.models.llama3.infra.parallelize import apply_compile
 
@@ -224,6 +225,7 @@ def test_torchtitans_block_compile_keeps_the_document_masked_logits_and_gradient
         grads = {n.replace("._orig_mod", ""): p.grad for n, p in model.named_parameters()}
         results.append((logits.detach(), grads))
     (want, want_grads), (got, got_grads) = results
+    assert all(getattr(m, "mask", None) is None for m in compiled.modules())
     assert (got - want).abs().max() < 1e-4
     assert got_grads.keys() == want_grads.keys()
     for name, grad in want_grads.items():

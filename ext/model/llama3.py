@@ -25,9 +25,10 @@ from torchtitan.distributed.pipeline_parallel import pipeline_llm
 from torchtitan.models.llama3 import Transformer, TransformerModelArgs, llama3_args
 from torchtitan.models.llama3.infra.parallelize import parallelize_llama
 from torchtitan.models.llama3.model.args import RoPEScalingArgs
+from torchtitan.models.llama3.model.model import Attention
 
 from ext.model.hf import Llama3HFAdapter
-from ext.model.segments import SegmentMasking, convert_args, with_segment_args
+from ext.model.segments import DenseMaskAttention, SegmentMasking, convert_args, with_segment_args
 from ext.model.tying import TiedArgs, tie_weights
 
 LLAMA3_SPEC_NAME = "ext_llama3"
@@ -52,8 +53,14 @@ class Llama3Args(TiedArgs, TransformerModelArgs):
 SegmentLlama3Args = with_segment_args(Llama3Args)
 
 
+class DenseMaskLlama3Attention(DenseMaskAttention, Attention):
+    """torchtitan's Llama-3 attention taking a boolean ``attention_masks`` (dense backend)."""
+
+
 class SegmentLlama3(SegmentMasking, Transformer):
     """torchtitan's Llama-3 with attention masked by the batch's segment ids."""
+
+    dense_attention = DenseMaskLlama3Attention
 
     def __init__(self, model_args: SegmentLlama3Args):
         super().__init__(model_args)

@@ -35,10 +35,11 @@ from torchtitan.components.optimizer import build_optimizers_with_moe_load_balan
 from torchtitan.models.moe import MoEArgs
 from torchtitan.models.qwen3 import Qwen3Model, Qwen3ModelArgs, qwen3_args
 from torchtitan.models.qwen3.infra.parallelize import parallelize_qwen3
+from torchtitan.models.qwen3.model.model import Attention
 from torchtitan.models.qwen3.model.state_dict_adapter import Qwen3StateDictAdapter
 
 from ext.model.moe import QWEN3_AUX_LOSS_COEFF, balanced_moe_args, install_routed_moe, moe_args_from_config
-from ext.model.segments import SegmentMasking, convert_args, with_segment_args
+from ext.model.segments import DenseMaskAttention, SegmentMasking, convert_args, with_segment_args
 from ext.model.tying import TiedArgs
 
 QWEN3_SPEC_NAME = "ext_qwen3"
@@ -64,8 +65,14 @@ class Qwen3Args(TiedArgs, Qwen3ModelArgs):
 SegmentQwen3Args = with_segment_args(Qwen3Args)
 
 
+class DenseMaskQwen3Attention(DenseMaskAttention, Attention):
+    """torchtitan's Qwen3 attention taking a boolean ``attention_masks`` (dense backend)."""
+
+
 class SegmentQwen3(SegmentMasking, Qwen3Model):
     """torchtitan's Qwen3 with segment-masked attention and :class:`ext.model.moe.RoutedMoE`."""
+
+    dense_attention = DenseMaskQwen3Attention
 
     def __init__(self, model_args: SegmentQwen3Args):
         super().__init__(model_args)

@@ -11,12 +11,21 @@ renders them for the backend that ``[attention]`` resolves to:
   ``enable_gqa`` and torch's ``varlen_attn`` refuses fewer key/value heads
   than query heads without it, so every grouped-query model (Llama-3,
   Qwen3) would stop at its first varlen attention call.
-- "dense": torchtitan's SDPA path takes no mask, so each layer's inner SDPA
-  module is replaced by :class:`DenseMaskSDPA`, and the model's forward hands
-  it the boolean mask of the batch before running the layers. The mask stays
-  set until the next forward, so activation-checkpoint recomputation in the
-  backward sees the same mask. (Pipeline parallelism needs flex or varlen:
-  segment ids reach only the first stage.)
+- "dense": the model's forward builds the batch's boolean mask
+  (:func:`ext.model.masks.dense_mask` of its ``segment_ids``, the same as
+  :meth:`SegmentMasking.get_attention_masks` returns) and passes it down as
+  every layer's ``attention_masks`` argument, as torchtitan passes flex and
+  varlen masks. torchtitan's ``Attention`` takes no mask on its SDPA branch
+  (it asserts ``attention_masks is None``), so each layer's attention is the
+  model's ``dense_attention`` class, torchtitan's ``Attention`` with
+  :class:`DenseMaskAttention` mixed in: its forward lends the mask to its
+  inner :class:`DenseMaskSDPA` for that one call and runs torchtitan's
+  forward. The mask is thus an argument of every block call: activation
+  checkpointing saves it with the block's other inputs and recomputes with
+  it, autograd keeps what SDPA's backward needs, and once the step's graph is
+  freed nothing refers to it (no module holds it between calls). Pipeline
+  parallelism needs flex or varlen: segment ids reach only the first stage,
+  so later stages would see plain causal attention.
 - "none": plain causal SDPA, torchtitan's default path.
 """
 
@@ -70,7 +79,10 @@ def convert_args(args: Any, cls: type) -> Any:
 
 
 class DenseMaskSDPA(nn.Module):
-    """SDPA with an explicit boolean mask, behind torchtitan's SDPA-wrapper interface."""
+    """SDPA with an explicit boolean mask, behind torchtitan's SDPA-wrapper interface.
+
+    ``mask`` is set by its :class:`DenseMaskAttention` only while that layer's
+    attention runs (None otherwise, and for a batch without segment ids)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -82,6 +94,25 @@ class DenseMaskSDPA(nn.Module):
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=self.mask, scale=scale, enable_gqa=enable_gqa
         )
+
+
+class DenseMaskAttention:
+    """Mixin over torchtitan's (Llama-3 or Qwen3) ``Attention`` with a
+    :class:`DenseMaskSDPA` inside: ``attention_masks`` is the batch's boolean
+    mask (or None: plain causal). torchtitan's forward projects, rotates and
+    calls ``inner_attention`` on its SDPA branch, which takes no mask, so the
+    mask is handed to ``inner_attention`` for the duration of this call only.
+    A model names its class as ``SegmentMasking.dense_attention``."""
+
+    inner_attention: DenseMaskSDPA
+
+    def forward(self, x, freqs_cis, attention_masks, positions=None):
+        inner = self.inner_attention
+        inner.mask = attention_masks
+        try:
+            return super().forward(x, freqs_cis, None, positions)
+        finally:
+            inner.mask = None
 
 
 def packed_varlen_attention(attn_fn, xq, xk, xv, meta: VarlenMetadata, scale=None):
@@ -113,35 +144,40 @@ class SegmentMasking:
 
     model_args: Any
     layers: nn.ModuleDict
+    dense_attention: type
+    """torchtitan's ``Attention`` class of the model with :class:`DenseMaskAttention` mixed in."""
 
     def install_segment_attention(self) -> None:
-        inner = {"dense": DenseMaskSDPA, "varlen": GQAVarlenAttention}.get(self.model_args.mask_backend)
-        if inner is not None:
-            for layer in self.layers.values():
-                layer.attention.inner_attention = inner()
+        for layer in self.layers.values():
+            attention = layer.attention
+            if self.model_args.mask_backend == "dense":
+                if type(attention) not in self.dense_attention.__mro__:
+                    raise TypeError(f"{type(attention).__name__} is not a base of {self.dense_attention.__name__}")
+                attention.__class__ = self.dense_attention  # a subclass: same weights, new forward
+                attention.inner_attention = DenseMaskSDPA()
+            elif self.model_args.mask_backend == "varlen":
+                attention.inner_attention = GQAVarlenAttention()
 
     def get_attention_masks(self, input_batch, tokenizer, extra_inputs=None):
-        """The backend's mask of the batch's segments; without ``segment_ids``
-        (generation, eval harnesses, plain token batches) each row is one
-        document, i.e. plain causal attention."""
+        """The backend's mask of the batch's segments (dense: the boolean
+        ``[B, 1, S, S]`` mask); without ``segment_ids`` (generation, eval
+        harnesses, plain token batches) each row is one document, i.e. plain
+        causal attention."""
         segment_ids = (extra_inputs or {}).get("segment_ids")
         if segment_ids is None:
             tokens = input_batch["input"] if isinstance(input_batch, dict) else input_batch
             segment_ids = torch.zeros(tokens.shape, dtype=torch.int32, device=tokens.device)
+        if self.model_args.mask_backend == "dense":
+            return dense_mask(segment_ids)
         if self.model_args.mask_backend == "flex":
             return flex_block_mask(segment_ids)
         meta = varlen_metadata(segment_ids)
         return VarlenMetadata(meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen)
 
-    def set_dense_mask(self, segment_ids: torch.Tensor | None) -> None:
-        """Hand every layer the batch's boolean mask; None (no segment ids in
-        the batch) means plain causal attention."""
-        mask = None if segment_ids is None else dense_mask(segment_ids)
-        for layer in self.layers.values():
-            layer.attention.inner_attention.mask = mask
-
     def forward(self, tokens, attention_masks=None, positions=None, segment_ids=None):
-        """The base model's forward; the dense backend first takes the batch's mask."""
-        if self.model_args.mask_backend == "dense":
-            self.set_dense_mask(segment_ids)
+        """The base model's forward. Dense backend: ``attention_masks`` (the
+        boolean mask, passed to every layer) is built here from ``segment_ids``
+        when not given; with neither, attention is plain causal."""
+        if self.model_args.mask_backend == "dense" and attention_masks is None and segment_ids is not None:
+            attention_masks = dense_mask(segment_ids)
         return super().forward(tokens, attention_masks=attention_masks, positions=positions)
