@@ -3,7 +3,7 @@
 Needs the optional extra: ``pip install -e .[verifiers]`` (verifiers 0.4.x,
 which brings openai, mcp, anthropic and more; not part of the default
 install). Written against verifiers 0.4.0 as installed; what was run and what
-was not is in the README's ``[eval]`` section.
+was not is in docs/eval.md.
 
 How the model answers. verifiers 0.4 environments reach a model through
 their interception server, which relays each chat-completions request to an
