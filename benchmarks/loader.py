@@ -32,8 +32,9 @@ from tokenizers import Tokenizer  # noqa: E402
 from torchdata.stateful_dataloader import StatefulDataLoader  # noqa: E402
 
 from ext.data.config import Data, resolve_sources  # noqa: E402
-from ext.data.dataset import STATS_KEY, PackedMixtureDataset  # noqa: E402
+from ext.data.dataset import PackedMixtureDataset  # noqa: E402
 from ext.data.encoders import TextEncoder  # noqa: E402
+from ext.data.stats import StatsCollate  # noqa: E402
 from ext.data.tokenized import tokenize_source  # noqa: E402
 
 CORPUS = REPO / "ext" / "assets" / "data" / "web.jsonl"
@@ -75,18 +76,19 @@ def main() -> None:
             start = time.perf_counter()
             real_tokens = 0.0
             rows = 0
-            for sample, _labels in StatefulDataLoader(ds, batch_size=args.batch, num_workers=0):
-                stats = sample[STATS_KEY]
-                real_tokens += float((stats[:, 0] - stats[:, 1]).sum())
-                rows += len(stats)
+            # collated as the packed loader does: each batch's statistics as one BatchStats
+            for _sample, _labels, stats in StatefulDataLoader(ds, batch_size=args.batch, num_workers=0,
+                                                              collate_fn=StatsCollate(ds.stats_layout)):
+                real_tokens += stats.row_tokens - stats.pad_tokens
+                rows += stats.rows
             loader_s = min(loader_s, time.perf_counter() - start)
 
             ds = PackedMixtureDataset(token_specs, token_cfg, TextEncoder(tok, 0, 1), 2, args.seq_len, 0, 1, seed=0)
             start = time.perf_counter()
             token_real = 0.0
-            for sample, _labels in StatefulDataLoader(ds, batch_size=args.batch, num_workers=0):
-                stats = sample[STATS_KEY]
-                token_real += float((stats[:, 0] - stats[:, 1]).sum())
+            for _sample, _labels, stats in StatefulDataLoader(ds, batch_size=args.batch, num_workers=0,
+                                                              collate_fn=StatsCollate(ds.stats_layout)):
+                token_real += stats.row_tokens - stats.pad_tokens
             token_loader_s.append(time.perf_counter() - start)
             assert token_real == real_tokens, (token_real, real_tokens)  # the same documents
 

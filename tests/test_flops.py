@@ -24,9 +24,10 @@ from torchtitan.protocols.train_spec import _extra_train_specs, get_train_spec
 import ext.job_config  # noqa: F401  (registers our specs)
 from ext import cli
 from ext.data.skyladder import fragment_segments
-from ext.data.loader import LOADER_STATS, build_packed_dataloader
+from ext.data.loader import build_packed_dataloader
+from ext.data.stats import BatchStats
 from ext.core.errors import ConfigError
-from ext.data.counts import attention_counts
+from ext.data.counts import AttentionCounts, attention_counts
 from ext.training.flops import (
     FlopsMeter, FlopsModel, Peak, Recompute, causal_pairs, device_kind,
     flops_report, fp8_converters_on, model_param_count, peak_from_config, resolve_peak,
@@ -271,15 +272,12 @@ def test_loader_counts_sft_prompts_and_leaves_out_padding():
         "--data.buffer_docs", "64", "--training.local_batch_size", "1",
     ])
     loader = build_packed_dataloader(1, 0, HuggingFaceTokenizer(str(TOKENIZER)), cfg)
-    LOADER_STATS.take()
     padded = 0
-    for _, (sample, labels) in zip(range(12), loader):
-        LOADER_STATS.take()
-        t = LOADER_STATS.window_totals
-        padded += t["pad_tokens"] > 1
-        assert t["real_tokens"] == t["row_tokens"] - max(t["pad_tokens"], 1)
-        assert t["trained_tokens"] == int((labels != -100).sum()) < t["real_tokens"]
-        assert t["attn_pairs"] >= t["real_tokens"]
+    for _, (sample, labels, t) in zip(range(12), loader.batches_with_stats()):
+        padded += t.pad_tokens > 1
+        assert t.real_tokens == t.row_tokens - max(t.pad_tokens, 1)
+        assert t.trained_tokens == int((labels != -100).sum()) < t.real_tokens
+        assert t.attn_pairs >= t.real_tokens
     assert padded  # the padding case is exercised
 
 
@@ -297,19 +295,16 @@ def test_loader_statistics_count_the_batches_it_yields_with_skyladder_fragments(
         "--training.local_batch_size", "1", "--skyladder.enable", "--skyladder.init_window", "24",
     ])
     loader = build_packed_dataloader(1, 0, HuggingFaceTokenizer(str(TOKENIZER)), cfg)
-    LOADER_STATS.take()
     totals, seen = [], []
-    for _, (sample, labels) in zip(range(40), loader):
-        LOADER_STATS.take()  # one row per batch: the padding of this row
-        t = LOADER_STATS.window_totals
-        totals.append(t)
-        real = torch.arange(labels.shape[-1]) < t["row_tokens"] - t["pad_tokens"]
+    for _, (sample, labels, t) in zip(range(40), loader.batches_with_stats()):
+        totals.append(t)  # one row per batch: the padding of this row
+        real = torch.arange(labels.shape[-1]) < t.row_tokens - t.pad_tokens
         seen.append(attention_counts(sample["segment_ids"], labels, real[None]))
-    assert sum(t["pad_tokens"] for t in totals) > 0
-    for key, field in (("real_tokens", "real_tokens"), ("trained_tokens", "trained_tokens"),
-                       ("attn_pairs", "pairs"), ("attn_pairs_causal", "pairs_causal")):
-        assert sum(t[key] for t in totals) == sum(getattr(c, field) for c in seen)
-    pairs, causal = (sum(t[k] for t in totals) for k in ("attn_pairs", "attn_pairs_causal"))
+        assert t.max_window == t.window_sum >= 24  # one row: its SkyLadder window
+    assert sum(t.pad_tokens for t in totals) > 0
+    assert sum(totals, BatchStats()).attention_counts == AttentionCounts(
+        *(sum(getattr(c, f) for c in seen) for f in ("real_tokens", "trained_tokens", "pairs", "pairs_causal")))
+    pairs, causal = (sum(getattr(t, k) for t in totals) for k in ("attn_pairs", "attn_pairs_causal"))
     assert pairs < causal * 24 / 128  # the window shrinks attention
 
 
@@ -367,7 +362,7 @@ def meter(masked: bool, tflops: float | None) -> FlopsMeter:
 
 def test_meter_counts_non_padding_tokens_and_the_pairs_the_model_runs():
     # 1024 tokens in the window, 1000 not padding, 900 trained
-    totals = {"real_tokens": 1000.0, "trained_tokens": 900.0, "attn_pairs": 5e4, "attn_pairs_causal": 1e5}
+    totals = BatchStats(real_tokens=1000, trained_tokens=900, attn_pairs=50_000, attn_pairs_causal=100_000)
     for masked, pairs in ((True, 5e4), (False, 1e5)):
         m = meter(masked, 100.0)
         out = m.window(1024, totals, seconds=2.0)
@@ -384,7 +379,7 @@ def test_meter_counts_non_padding_tokens_and_the_pairs_the_model_runs():
 def test_meter_reports_mfu_in_the_palm_convention_beside_the_exact_one():
     # tiny: L 4, H 4, d_head 32, 1,311,872 params of which 2048 x 128 embedding; S = 256
     palm_per_token = 6 * (1_311_872 - 2048 * 128) + 12 * 4 * 4 * 32 * 256
-    totals = {"real_tokens": 1000.0, "trained_tokens": 900.0, "attn_pairs": 5e4, "attn_pairs_causal": 1e5}
+    totals = BatchStats(real_tokens=1000, trained_tokens=900, attn_pairs=50_000, attn_pairs_causal=100_000)
     m = meter(True, 100.0)
     out = m.window(1024, totals, seconds=2.0)
     assert out["flops/model_flops_palm"] == palm_per_token * 1000

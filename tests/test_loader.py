@@ -18,8 +18,11 @@ import ext.job_config  # noqa: F401
 from ext.data.config import Data, resolve_sources
 from ext.data.dataset import PackedMixtureDataset
 from ext.data.encoders import TextEncoder
-from ext.data.loader import LOADER_STATS, PackedDataLoader, build_packed_dataloader, resolve_num_workers
+from ext.data.loader import PackedDataLoader, build_packed_dataloader, resolve_num_workers
+from ext.data.stats import BatchStats
 from ext.core.errors import ConfigError, DataError
+
+from ext.training.metrics import data_window_metrics
 
 from .conftest import TOKENIZER, assert_resumes_exactly
 
@@ -219,11 +222,12 @@ def test_trainer_batches_carry_only_model_inputs_and_feed_the_metrics(tmp_path):
                     'reset_positions = true\nnum_workers = "0"\n[training]\nseq_len = 32\nlocal_batch_size = 2\n')
     cfg = ConfigManager().parse_args(["--job.config_file", str(toml)])
     loader = build_packed_dataloader(1, 0, HuggingFaceTokenizer(str(TOKENIZER)), cfg)
-    LOADER_STATS.take()
-    sample, labels = next(iter(loader))
+    sample, labels = next(iter(loader))  # what torchtitan's own loop reads
     assert set(sample) == {"input", "positions", "segment_ids"}  # document masking is on by default
     assert sample["input"].shape == labels.shape == (2, 32)
-    metrics = LOADER_STATS.take()
+    sample, labels, stats = next(loader.batches_with_stats())  # what our Trainer reads
+    assert set(sample) == {"input", "positions", "segment_ids"}
+    metrics = data_window_metrics(stats)
     assert metrics["data/mix/a"] == pytest.approx(1.0)
     assert 0 <= metrics["data/pad_fraction"] < 1
 
@@ -268,3 +272,103 @@ def test_segment_ids_stay_out_of_the_batch_when_nothing_is_masked(tmp_path):
     cfg = ConfigManager().parse_args(["--job.config_file", str(toml)])
     sample, _ = next(iter(build_packed_dataloader(1, 0, HuggingFaceTokenizer(str(TOKENIZER)), cfg)))
     assert set(sample) == {"input"}
+
+
+# -- loader statistics: typed, per loader ---------------------------------------------------
+
+def packed_loader(tmp_path: Path, name: str, sources: dict[str, Path], workers: int, seq_len: int = 32):
+    """``build_packed_dataloader`` on ``sources`` (name -> jsonl), each read once."""
+    toml = tmp_path / f"{name}.toml"
+    toml.write_text(
+        f'[job]\ncustom_config_module = "ext.job_config"\n[data]\n'
+        f'datasets = {json.dumps([str(p) for p in sources.values()])}\nnames = {json.dumps(list(sources))}\n'
+        f'on_exhaustion = ["drop"]\nbuffer_docs = 16\nnum_workers = "{workers}"\n'
+        f'[training]\nseq_len = {seq_len}\nlocal_batch_size = 3\n'
+    )
+    cfg = ConfigManager().parse_args(["--job.config_file", str(toml)])
+    return build_packed_dataloader(1, 0, HuggingFaceTokenizer(str(TOKENIZER)), cfg)
+
+
+def two_sources(tmp_path: Path) -> dict[str, Path]:
+    """Source "a": documents of 3 to ~45 tokens (rows of 33 cut some); source "b":
+    short ones and two bad records."""
+    a = write_jsonl(tmp_path / "a.jsonl", [f"alpha{i} " + "word " * (i % 41) for i in range(60)])
+    b = write_jsonl(tmp_path / "b.jsonl", numbered_docs("bravo", range(40)))
+    b.write_text(b.read_text() + "{not json\n" + json.dumps({"txt": "no text field"}) + "\n")
+    return {"a": a, "b": b}
+
+
+def brute_force_pairs(seg: np.ndarray, real: np.ndarray) -> tuple[int, int]:
+    """(pairs within segments, causal pairs) attended by the real queries of one row."""
+    n = len(seg)
+    keys = np.tril(np.ones((n, n), dtype=bool))  # [query, key]: key <= query
+    same = seg[:, None] == seg[None, :]
+    return int((keys & same)[real].sum()), int(keys[real].sum())
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batch_statistics_are_named_fields_equal_to_what_the_rows_contain(tmp_path, monkeypatch, workers):
+    # The reference for each row comes from the batch itself and from the trace hook
+    # (the document pieces of every row, with their tokens), not from the loader's counts.
+    monkeypatch.setenv("EXT_DATA_TRACE", str(tmp_path))
+    seq_len = 32
+    loader = packed_loader(tmp_path, "c", two_sources(tmp_path), workers, seq_len)
+    batches = [(sample, labels, stats) for sample, labels, stats in loader.batches_with_stats()]
+    traces = [json.loads(line) for line in (tmp_path / "rank0.jsonl").read_text().splitlines()]
+    assert len(traces) == len(batches) > 5
+    pieces: dict[tuple, int] = {}  # document -> pieces over the whole epoch (all of it is read)
+    for trace in traces:
+        for row in trace:
+            for p in row:
+                pieces[tuple(p[:4])] = pieces.get(tuple(p[:4]), 0) + 1
+    assert max(pieces.values()) > 1  # the cut-document case is exercised
+    total = BatchStats()
+    for (sample, labels, stats), trace in zip(batches, traces):
+        assert type(stats) is BatchStats
+        rows = len(labels)
+        n_valid = np.array([sum(p[4] for p in row) for row in trace])  # non-padding of seq_len + 1
+        real = np.arange(seq_len)[None, :] < n_valid[:, None]
+        pairs = [brute_force_pairs(s, r) for s, r in zip(sample["segment_ids"].numpy(), real)]
+        assert stats.rows == rows
+        assert stats.row_tokens == rows * (seq_len + 1)
+        assert stats.pad_tokens == int((seq_len + 1 - n_valid).sum())
+        assert stats.docs == pytest.approx(sum(1 / pieces[tuple(p[:4])] for row in trace for p in row))
+        assert stats.cut_docs == pytest.approx(
+            sum(1 / pieces[tuple(p[:4])] for row in trace for p in row if pieces[tuple(p[:4])] > 1))
+        assert stats.real_tokens == int(real.sum())
+        assert stats.trained_tokens == int((labels != -100).sum())
+        assert stats.attn_pairs == sum(p for p, _ in pairs)
+        assert stats.attn_pairs_causal == sum(c for _, c in pairs)
+        assert stats.window_sum == rows * seq_len and stats.max_window == seq_len  # no SkyLadder
+        assert stats.source_tokens == {name: sum(p[4] for row in trace for p in row if p[0] == k)
+                                       for k, name in enumerate(["a", "b"])}
+        total += stats
+    assert total.bad_records == {"a": 0, "b": 2}
+    assert total.rows == sum(len(labels) for _, labels, _ in batches)
+    assert total.docs == pytest.approx(100)  # every document of both sources, once
+    assert total.attention_counts.real_tokens == total.real_tokens
+
+
+def test_two_loaders_in_one_process_keep_their_own_statistics(tmp_path):
+    sources = two_sources(tmp_path)
+    only_a, only_b = {"a": sources["a"]}, {"b": sources["b"]}
+    alone_a = [s for _, _, s in packed_loader(tmp_path, "a", only_a, 0).batches_with_stats()]
+    alone_b = [s for _, _, s in packed_loader(tmp_path, "b", only_b, 2).batches_with_stats()]
+    # both built before either is read (b last), then read in turns, one in worker processes
+    first, second = packed_loader(tmp_path, "a", only_a, 0), packed_loader(tmp_path, "b", only_b, 2)
+    got: dict[str, list[BatchStats]] = {"a": [], "b": []}
+    readers = {"a": first.batches_with_stats(), "b": second.batches_with_stats()}
+    while readers:
+        for name, batches in list(readers.items()):
+            batch = next(batches, None)
+            if batch is None:
+                del readers[name]
+            else:
+                got[name].append(batch[2])
+    assert got["a"] == alone_a and got["b"] == alone_b
+    assert all(set(s.source_tokens) == set(s.bad_records) == {"a"} for s in got["a"])
+    assert all(set(s.source_tokens) == set(s.bad_records) == {"b"} for s in got["b"])
+    assert sum(got["a"], BatchStats()).bad_records == {"a": 0}
+    assert sum(got["b"], BatchStats()).bad_records == {"b": 2}
+    for name, stats in got.items():
+        assert data_window_metrics(sum(stats, BatchStats()))[f"data/mix/{name}"] == pytest.approx(1.0)

@@ -390,16 +390,12 @@ def test_token_shards_go_through_the_plan_without_the_tokenizer(tmp_path):
 
 
 def test_bad_record_counts_reach_the_loader_stats(tmp_path):
-    from ext.data.loader import LOADER_STATS
+    from ext.data.stats import BatchStats
 
     path = write(tmp_path / "a.jsonl", jsonl_bytes([{"text": t} for t in numbered("ok", range(50))]
                                                    + [{"text": None}] * 3 + [{"text": ""}] * 2))
     (spec,) = resolve_sources(Data(datasets=[str(path)], on_exhaustion=["drop"]))
-    LOADER_STATS.names, LOADER_STATS.bad_records = ["a"], {}
-    LOADER_STATS.take()
     loader = PackedDataLoader(make_dataset([spec], Data(datasets=["x"], buffer_docs=8)), 0, 1, ("input",),
                               batch_size=2, num_workers=2)
-    for _ in loader:
-        pass
-    assert LOADER_STATS.bad_records == {"a": 5}
-    assert LOADER_STATS.take()["data/bad_records/a"] == 5
+    total = sum((stats for _, _, stats in loader.batches_with_stats()), BatchStats())
+    assert total.bad_records == {"a": 5}

@@ -14,9 +14,8 @@ from torchtitan.components.dataloader import ParallelAwareDataloader
 from torchtitan.config import ConfigManager
 
 import ext.job_config  # noqa: F401
-from ext.data.dataset import STATS_FIELDS
-from ext.data.loader import LoaderStats
-from ext.training.trainer import DevicePrefetcher, PackedLoaderStatsDeferral
+from ext.data.stats import BatchStats
+from ext.training.trainer import DevicePrefetcher
 
 from .conftest import DEBUG_CONFIG, read_summary, run_train
 
@@ -79,24 +78,28 @@ def test_prefetcher_stops_when_the_loader_is_spent_and_then_holds_nothing():
         next(prefetcher)
 
 
-def test_loader_statistics_of_the_batch_read_ahead_wait_until_it_is_handed_out():
-    stats = LoaderStats()
-    stats.names = ["only"]
+def test_loader_statistics_of_the_batch_read_ahead_come_with_that_batch_when_it_is_handed_out():
+    read = []
 
-    def batches():  # what PackedDataLoader does: statistics are added when a batch is read
+    def batches():  # what PackedDataLoader.batches_with_stats yields
         for i in range(3):
-            row = dict(row_tokens=64, pad_tokens=i, docs=1, rows=1, window=10 * (i + 1))
-            stats.add(torch.tensor([[float(row.get(f, 0)) for f in STATS_FIELDS] + [64.0 - i]]))
-            yield {"input": torch.zeros(1, 4)}, torch.zeros(1, 4)
+            read.append(i)
+            stats = BatchStats(rows=1, row_tokens=64, pad_tokens=i, docs=1.0, window_sum=10 * (i + 1),
+                               max_window=10 * (i + 1), source_tokens={"only": 64 - i}, bad_records={"only": 0})
+            yield {"input": torch.full((1, 4), i)}, torch.zeros(1, 4), stats
 
-    prefetcher = DevicePrefetcher(batches(), torch.device("cpu"), defer=PackedLoaderStatsDeferral(stats))
-    next(prefetcher)  # batch 0 handed out, batch 1 read
-    assert stats.last_window == 10
-    assert stats.take()["data/pad_fraction"] == 0.0  # batch 0 only
-    next(prefetcher)
-    next(prefetcher)
-    assert stats.last_window == 30
-    assert stats.take()["data/pad_fraction"] == pytest.approx(3 / 128)  # batches 1 and 2
+    prefetcher = DevicePrefetcher(batches(), torch.device("cpu"))
+    handed = [next(prefetcher)]  # batch 0 handed out, batch 1 read
+    assert read == [0, 1]
+    handed += [next(prefetcher), next(prefetcher)]
+    for i, batch in enumerate(handed):
+        assert batch.inputs["input"][0, 0] == i
+        assert batch.stats.pad_tokens == i and batch.stats.max_window == 10 * (i + 1)
+    window = handed[1].stats + handed[2].stats  # what the metrics processor sums per log
+    assert (window.pad_tokens, window.row_tokens, window.max_window) == (3, 128, 30)
+    assert window.source_tokens == {"only": 125}
+    # a loader without statistics: the batches come alone
+    assert [b.stats for b in DevicePrefetcher(loader(4), torch.device("cpu"))] == [None, None]
 
 
 def test_prefetch_is_a_config_switch_that_defaults_to_on():

@@ -36,6 +36,7 @@ from ext.data.mixture import Mixture, redistribute_mixture
 from ext.data.packing import pack_documents, rows_to_batch
 from ext.core.errors import DataError
 from ext.data.counts import attention_counts_per_row
+from ext.data.stats import ROW_STATS, RowStatsLayout
 from ext.data.sources import Plan, Source, fresh_source_state, plan_source, redistribute_source
 
 # Test hook (documented in README [data]): with EXT_DATA_TRACE set, every sample
@@ -44,29 +45,22 @@ from ext.data.sources import Plan, Source, fresh_source_state, plan_source, redi
 # loader strips it and appends it to EXT_DATA_TRACE/rank<dp rank>.jsonl.
 TRACE_ENV = "EXT_DATA_TRACE"
 
-# Per-row statistics travel with each sample under this key; the loader
-# strips them before the batch reaches the model.
-STATS_KEY = "loader_stats"
-STATS_FIELDS = ("row_tokens", "pad_tokens", "docs", "cut_docs", "rows", "window",
-                "real_tokens", "trained_tokens", "attn_pairs", "attn_pairs_causal")
-# The last four are filled in when a row is yielded (after SkyLadder cuts it), by
-# ext.data.counts.attention_counts: non-padding inputs, labels != -100, and the keys the
-# non-padding queries attend within their segments / under plain causal attention.
-# The metrics processor picks the pair count that matches what the model runs.
 
-
-def row_statistics(packed: Any, doc_source: np.ndarray, n_sources: int) -> np.ndarray:
-    """float64 [n_rows, 10 + n_sources]: row tokens, padding, documents, cut
-    documents, 1 (rows), the attention window (filled in when the row is
-    yielded, as are the four FLOP counts that follow), then real tokens
-    per source. A document split into k pieces counts 1/k in each row holding
-    a piece, so sums over rows are exact."""
+def row_statistics(packed: Any, doc_source: np.ndarray, layout: RowStatsLayout) -> np.ndarray:
+    """float64 ``[n_rows, layout.width]``: each row's statistics vector
+    (:class:`ext.data.stats.RowStatsLayout`): row tokens, padding, documents,
+    cut documents, 1 (rows), the attention window (``seq_len``; SkyLadder sets
+    it when the row is yielded), real tokens per source; the four FLOP counts
+    and the bad records are filled in by :class:`PackedMixtureDataset`. A
+    document split into k pieces counts 1/k in each row holding a piece, so
+    sums over rows are exact."""
     n_rows, width = packed.tokens.shape
-    out = np.zeros((n_rows, len(STATS_FIELDS) + n_sources))
+    out = layout.zeros(n_rows)
     if n_rows == 0:
         return out
-    out[:, 0] = width
-    out[:, 1] = width - packed.n_valid
+    col = layout.column
+    out[:, col("row_tokens")] = width
+    out[:, col("pad_tokens")] = width - packed.n_valid
     seg, doc = packed.segment_ids, packed.doc_index
     starts = np.ones_like(seg, dtype=bool)
     starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
@@ -75,15 +69,16 @@ def row_statistics(packed: Any, doc_source: np.ndarray, n_sources: int) -> np.nd
     seg_doc = doc[row_of, col_of]
     pieces = np.bincount(seg_doc, minlength=int(doc.max()) + 1)
     weight = 1.0 / pieces[seg_doc]
-    out[:, 2] = np.bincount(row_of, weights=weight, minlength=n_rows)
-    out[:, 3] = np.bincount(row_of, weights=weight * (pieces[seg_doc] > 1), minlength=n_rows)
-    out[:, 4] = 1.0
-    out[:, 5] = width - 1
+    out[:, col("docs")] = np.bincount(row_of, weights=weight, minlength=n_rows)
+    out[:, col("cut_docs")] = np.bincount(row_of, weights=weight * (pieces[seg_doc] > 1), minlength=n_rows)
+    out[:, col("rows")] = 1.0
+    out[:, col("window")] = width - 1
+    n_sources = len(layout.sources)
     valid = doc >= 0
     rows_idx = np.nonzero(valid)[0]
     src = doc_source[doc[valid]]
     counts = np.bincount(rows_idx * n_sources + src, minlength=n_rows * n_sources)
-    out[:, len(STATS_FIELDS):] = counts.reshape(n_rows, n_sources)
+    out[:, layout.source_tokens] = counts.reshape(n_rows, n_sources)
     return out
 
 
@@ -92,10 +87,13 @@ class PackedMixtureDataset(IterableDataset, Stateful):
 
     Yields ``(sample, labels)`` where ``sample`` holds int64 ``input``,
     ``positions``, ``segment_ids`` (each ``[seq_len]``; with a SkyLadder
-    ``window_clock`` the segments are also cut at the window grid) and float64
-    per-row statistics under :data:`STATS_KEY`; ``labels`` is int64
-    ``[seq_len]`` with -100 on padding and where the next token belongs to
-    another document. Iteration ends when every source is spent.
+    ``window_clock`` the segments are also cut at the window grid) and the
+    row's statistics vector under :data:`ext.data.stats.ROW_STATS` (laid out
+    by :attr:`stats_layout`; the packed loader's collation sums a batch's
+    vectors into one typed :class:`ext.data.stats.BatchStats`, see that
+    module); ``labels`` is int64 ``[seq_len]`` with -100 on padding and where
+    the next token belongs to another document. Iteration ends when every
+    source is spent.
     """
 
     def __init__(
@@ -111,6 +109,7 @@ class PackedMixtureDataset(IterableDataset, Stateful):
         window_clock: WindowClock | None = None,
     ):
         self.specs = specs
+        self.stats_layout = RowStatsLayout(tuple(spec.name for spec in specs))
         self.window_clock = window_clock
         self.cfg = cfg
         self.encoder = encoder  # TextEncoder or ChatEncoderSpec (ext.data.encoders)
@@ -306,21 +305,21 @@ class PackedMixtureDataset(IterableDataset, Stateful):
         batch = rows_to_batch(packed, self.cfg.reset_positions)
         if self.encoder.marks_untrained:
             batch["input"], batch["labels"] = split_untrained(batch["input"], batch["labels"])
-        stats = row_statistics(packed, sources, len(self.specs))
+        layout = self.stats_layout
+        stats = row_statistics(packed, sources, layout)
         # Bad records skipped per source while reading this buffer: counted in the
         # first row it yields (after the shuffle below), so they show at once.
         bad = [s.bad_count - st["bad"] for s, st in zip(self._sources, self._buffer_start["sources"])]
-        stats = np.concatenate((stats, np.zeros((len(stats), len(bad)))), axis=1)
         # Best-fit emits rows roughly by document length (long documents first);
         # a seeded shuffle keeps that order out of training and out of the metrics.
         shuffle_key = [self.seed, key, *np.asarray(self._buffer_start["mixture"]["consumed"], np.int64)]
         order = np.random.default_rng(shuffle_key).permutation(len(stats))
         self._batch = {k: v[order] for k, v in batch.items()}
         self._stats = stats[order]
-        self._stats[0, -len(bad):] = bad
+        self._stats[0, layout.bad_records] = bad
         # FLOP counts of every row as packed (one vectorized call per buffer); a row
         # that SkyLadder cuts further is counted again when it is yielded.
-        n_valid = self._stats[:, STATS_FIELDS.index("row_tokens")] - self._stats[:, STATS_FIELDS.index("pad_tokens")]
+        n_valid = self._stats[:, layout.column("row_tokens")] - self._stats[:, layout.column("pad_tokens")]
         seg = self._batch["segment_ids"]
         self._counts = attention_counts_per_row(seg, self._batch["labels"], np.arange(seg.shape[1]) < n_valid[:, None])
         if self._trace:
@@ -350,6 +349,7 @@ class PackedMixtureDataset(IterableDataset, Stateful):
                     return
                 continue
             i = self._row
+            layout = self.stats_layout
             segment_ids, stats = self._batch["segment_ids"][i], self._stats[i].copy()
             counts = self._counts[i]
             if self.window_clock is not None:
@@ -358,25 +358,24 @@ class PackedMixtureDataset(IterableDataset, Stateful):
                 window = self.window_clock.window_of_row(
                     self._rows_out, info.id if info else 0, info.num_workers if info else 1, base
                 )
-                stats[STATS_FIELDS.index("window")] = window
+                stats[layout.column("window")] = window
                 cut = not self.window_clock.within_documents or window < len(segment_ids)
                 if not self.window_clock.within_documents:
                     segment_ids = np.zeros_like(segment_ids)
                 if window < len(segment_ids):
                     segment_ids = fragment_segments(segment_ids, window)
                 if cut:
-                    n_valid = stats[STATS_FIELDS.index("row_tokens")] - stats[STATS_FIELDS.index("pad_tokens")]
+                    n_valid = stats[layout.column("row_tokens")] - stats[layout.column("pad_tokens")]
                     real = np.arange(len(segment_ids)) < n_valid  # inputs that are not padding
                     counts = attention_counts_per_row(segment_ids, self._batch["labels"][i], real)[0]
-            at = STATS_FIELDS.index("real_tokens")
-            stats[at : at + 4] = counts
+            stats[layout.attention] = counts
             self._row += 1
             self._rows_out += 1
             sample = {
                 "input": torch.from_numpy(self._batch["input"][i]),
                 "positions": torch.from_numpy(self._batch["positions"][i]),
                 "segment_ids": torch.from_numpy(np.ascontiguousarray(segment_ids, np.int64)),
-                STATS_KEY: torch.from_numpy(stats),
+                ROW_STATS: torch.from_numpy(stats),
             }
             if self._trace:
                 sample["trace"] = torch.from_numpy(self._row_trace(i))

@@ -6,10 +6,12 @@ multi-source loader: checks the sources, chooses the worker count, and wraps
 torchtitan's ``ParallelAwareDataloader`` (its checkpoint state keyed by dp
 rank) so that
 
-- per-row loader statistics are stripped from each batch and accumulated in
-  :data:`LOADER_STATS` for the metrics processor (with the bad records
-  skipped per source: ``data/bad_records/<source>`` in :meth:`LoaderStats.take`,
-  running totals in ``LOADER_STATS.bad_records``);
+- each batch's loader statistics (padding, documents, mixture, bad records
+  skipped per source, attention window, FLOP counts) come as one typed
+  :class:`ext.data.stats.BatchStats`, summed from the rows' figures in the
+  worker (:class:`ext.data.stats.StatsCollate`), and are handed out next to
+  their batch by :meth:`PackedDataLoader.batches_with_stats`; nothing is
+  collected process-wide (see :mod:`ext.data.stats`);
 - only the keys the model takes are passed on (``input`` always,
   ``positions`` when ``reset_positions``, ``segment_ids`` when the spec's
   model consumes them);
@@ -29,7 +31,6 @@ import signal
 import weakref
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -40,61 +41,18 @@ from ext.data.skyladder import masking_requested
 from ext.data.skyladder import WindowClock, validate_skyladder
 from ext.core.signals import STOP_SIGNALS
 from ext.data.config import parse_num_workers, resolve_sources, SourceSpec
-from ext.data.dataset import STATS_FIELDS, STATS_KEY, TRACE_ENV, PackedMixtureDataset
+from ext.data.dataset import TRACE_ENV, PackedMixtureDataset
 from ext.data.encoders import ChatEncoderSpec, TextEncoder
 from ext.data.holdout import training_sources
 from ext.data.sources import Plan
 from ext.core.errors import ConfigError
 from ext.core.parallel import host_group, reduce_host_int
 from ext.core.seeding import seed_worker
+from ext.data.stats import BatchStats, StatsCollate
 
 logger = logging.getLogger(__name__)
 
 MAX_AUTO_WORKERS = 8
-
-
-class LoaderStats:
-    """Loader statistics since the last :meth:`take` (main process)."""
-
-    def __init__(self) -> None:
-        self.names: list[str] = []
-        self.total: np.ndarray | None = None
-        self.last_window: int | None = None  # attention window of the latest batch
-        self.window_totals: dict[str, float] | None = None  # STATS_FIELDS sums of the last take()
-        self.bad_records: dict[str, int] = {}  # per source: bad records skipped since the loader began
-
-    def add(self, batch_stats: torch.Tensor) -> None:
-        self.last_window = int(batch_stats[:, STATS_FIELDS.index("window")].max())
-        summed = batch_stats.sum(dim=0).numpy()
-        if self.total is not None and self.total.shape != summed.shape:
-            self.total = None  # a loader over other sources: its totals start afresh
-        self.total = summed if self.total is None else self.total + summed
-        bad = summed[len(STATS_FIELDS) + len(self.names):]
-        for name, n in zip(self.names, bad):
-            self.bad_records[name] = self.bad_records.get(name, 0) + int(n)
-
-    def take(self) -> dict[str, float]:
-        """Metrics for the window since the last call, then reset."""
-        if self.total is None:
-            self.window_totals = None
-            return {}
-        t, self.total = self.total, None
-        self.window_totals = dict(zip(STATS_FIELDS, (float(v) for v in t)))
-        row_tokens, pad, docs, cut, rows, window = t[:6]
-        real = max(row_tokens - pad, 1.0)
-        metrics = {
-            "data/pad_fraction": pad / max(row_tokens, 1.0),
-            "data/docs_cut_fraction": cut / max(docs, 1e-9),
-            "data/attention_window": window / max(rows, 1.0),
-        }
-        for name, tokens in zip(self.names, t[len(STATS_FIELDS):]):
-            metrics[f"data/mix/{name}"] = tokens / real
-        for name, bad in zip(self.names, t[len(STATS_FIELDS) + len(self.names):]):
-            metrics[f"data/bad_records/{name}"] = float(bad)
-        return metrics
-
-
-LOADER_STATS = LoaderStats()
 
 
 def resolve_num_workers(value: int | str, specs: list[SourceSpec], dp_world_size: int) -> int:
@@ -133,6 +91,12 @@ class PackedDataLoader(ParallelAwareDataloader):
     """torchtitan's dataloader plus statistics, key filtering, a shared stop and a
     checkpoint state that any layout (dp ranks x workers) can resume.
 
+    Batches: :meth:`batches_with_stats` yields ``(inputs, labels, BatchStats)``,
+    the statistics of exactly that batch (our Trainer reads this); iterating
+    the loader yields ``(inputs, labels)`` as torchtitan's loaders do. Unless
+    a ``collate_fn`` is given, rows are collated by
+    :class:`ext.data.stats.StatsCollate` (which :meth:`batches_with_stats` needs).
+
     Checkpoint state: ``{"global": pickle of {"dp_world_size", "num_workers",
     "ranks": [each dp rank's torchdata state, pickled]}, "world_size"}``. The
     same on every rank (gathered over the host gloo group when a checkpoint is
@@ -145,6 +109,7 @@ class PackedDataLoader(ParallelAwareDataloader):
 
     def __init__(self, dataset: PackedMixtureDataset, dp_rank: int, dp_world_size: int,
                  model_keys: tuple[str, ...], **kwargs: Any):
+        kwargs.setdefault("collate_fn", StatsCollate(dataset.stats_layout))
         super().__init__(dataset, dp_rank, dp_world_size, **kwargs)
         self.model_keys = model_keys
         self._stop_group = host_group()
@@ -213,6 +178,13 @@ class PackedDataLoader(ParallelAwareDataloader):
         return bool(reduce_host_int(int(have), dist.ReduceOp.MIN, self._stop_group))
 
     def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        """``(inputs, labels)`` per batch (torchtitan's contract); the statistics are dropped."""
+        for inputs, labels, _ in self.batches_with_stats():
+            yield inputs, labels
+
+    def batches_with_stats(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor, BatchStats]]:
+        """``(inputs, labels, stats)`` per batch: the model's inputs, the labels and
+        the :class:`BatchStats` of that batch's rows."""
         batches = super().__iter__()
         while True:
             batch = next(batches, None)
@@ -223,12 +195,11 @@ class PackedDataLoader(ParallelAwareDataloader):
                     f"{self.dp_rank}): stopping here on every rank"
                 )
                 return
-            sample, labels = batch
-            LOADER_STATS.add(sample.pop(STATS_KEY))
+            sample, labels, stats = batch
             trace = sample.pop("trace", None)
             if trace is not None:
                 self._write_trace(trace)
-            yield {k: v for k, v in sample.items() if k in self.model_keys}, labels
+            yield {k: v for k, v in sample.items() if k in self.model_keys}, labels, stats
 
 
 def _check_sources(plans: list[Plan], n_readers: int) -> None:
@@ -342,8 +313,6 @@ def build_packed_dataloader(
         window_clock=_window_clock(job_config, dp_world_size),
     )
     _check_sources(dataset.plans, dp_world_size * max(num_workers, 1))
-    LOADER_STATS.names = [s.name for s in specs]
-    LOADER_STATS.bad_records = {}
     keys = ("input",) + (("positions",) if cfg.reset_positions else ()) + (
         ("segment_ids",) if masking_requested(job_config) else ()
     )

@@ -64,7 +64,7 @@ from torchtitan.distributed.context_parallel import prepare_context_parallel_inp
 from torchtitan.tools.logging import logger
 
 from ext.data.skyladder import masking_requested
-from ext.data.dataset import STATS_KEY, PackedMixtureDataset
+from ext.data.dataset import PackedMixtureDataset
 from ext.data.holdout import plan_holdout
 from ext.data.loader import _encoder
 from ext.core.device import run_device
@@ -289,8 +289,7 @@ class HeldOutValidator(BaseValidator):
         samples: list[dict[str, torch.Tensor]] = []
         labels: list[torch.Tensor] = []
         said = time.perf_counter()
-        for sample, label in dataset:
-            sample.pop(STATS_KEY)
+        for sample, label in dataset:  # the rows' loader statistics are not kept: only model_keys
             samples.append({k: v for k, v in sample.items() if k in self.model_keys})
             labels.append(label)
             if max_rows is not None and len(samples) >= max_rows:

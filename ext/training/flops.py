@@ -57,6 +57,7 @@ import numpy as np
 
 from ext.core.errors import ConfigError
 from ext.data.counts import AttentionCounts, attention_counts
+from ext.data.stats import BatchStats
 from ext.model.hf import llama_ffn_dim
 
 
@@ -473,10 +474,11 @@ class FlopsMeter:
     """Turns the loader's per-window counts into throughput, FLOP/s and MFU.
 
     One per metrics processor. :meth:`window` takes the tokens torchtitan
-    counted since the last log, the loader's summed row statistics of the
-    same batches (``None`` with torchtitan's own loader: every token is then
-    real and trained and every row one causal segment of ``seq_len``) and the
-    seconds since the last log, and returns per-device metrics. ``masked``
+    counted since the last log, the loader's statistics of the same batches
+    (an :class:`ext.data.stats.BatchStats`, summed; ``None`` with torchtitan's
+    own loader: every token is then real and trained and every row one causal
+    segment of ``seq_len``) and the seconds since the last log, and returns
+    per-device metrics. ``masked``
     says whether the model confines attention to segments (then pairs within
     segments count, else plain causal pairs over the row).
 
@@ -510,16 +512,16 @@ class FlopsMeter:
             f"convention); hardware FLOPs with {self.recompute.describe()}; {peak}"
         )
 
-    def counts(self, ntokens: int, totals: dict[str, float] | None) -> tuple[float, float, float]:
+    def counts(self, ntokens: int, stats: BatchStats | None) -> tuple[float, float, float]:
         """(non-padding tokens, trained tokens, attended pairs) of the window."""
-        if totals is None or "real_tokens" not in totals:
+        if stats is None:
             rows = ntokens / self.seq_len
             return float(ntokens), float(ntokens), rows * causal_pairs(self.seq_len)
-        pairs = totals["attn_pairs"] if self.masked else totals["attn_pairs_causal"]
-        return float(totals["real_tokens"]), float(totals["trained_tokens"]), float(pairs)
+        pairs = stats.attn_pairs if self.masked else stats.attn_pairs_causal
+        return float(stats.real_tokens), float(stats.trained_tokens), float(pairs)
 
-    def window(self, ntokens: int, totals: dict[str, float] | None, seconds: float) -> dict[str, float]:
-        real, trained, pairs = self.counts(ntokens, totals)
+    def window(self, ntokens: int, stats: BatchStats | None, seconds: float) -> dict[str, float]:
+        real, trained, pairs = self.counts(ntokens, stats)
         exact = self.model.model_flops(real, pairs)
         palm = self.palm_per_token * real
         recompute = self.model.recompute_flops(real, pairs, self.recompute)
@@ -687,23 +689,20 @@ def _data_counts(job_config: Any, rows: int) -> tuple[AttentionCounts, int, int]
     workers, SkyLadder off); returns (counts, rows, row tokens)."""
     from torchtitan.components.tokenizer import build_hf_tokenizer
 
-    from ext.data.loader import LOADER_STATS, build_packed_dataloader
+    from ext.data.loader import build_packed_dataloader
 
     job_config.data.num_workers = "0"
     job_config.skyladder.enable = False
     loader = build_packed_dataloader(
         dp_world_size=1, dp_rank=0, tokenizer=build_hf_tokenizer(job_config), job_config=job_config
     )
-    LOADER_STATS.take()
     batches = max(1, math.ceil(rows / job_config.training.local_batch_size))
     n_tokens = 0
-    for _, (_, labels) in zip(range(batches), loader):
+    total = BatchStats()  # the statistics of this loader's batches, as the loader hands them out
+    for _, (_, labels, stats) in zip(range(batches), loader.batches_with_stats()):
         n_tokens += labels.numel()
-    LOADER_STATS.take()
-    t = LOADER_STATS.window_totals or {}
-    counts = AttentionCounts(*(int(t.get(k, 0)) for k in
-                               ("real_tokens", "trained_tokens", "attn_pairs", "attn_pairs_causal")))
-    return counts, int(t.get("rows", 0)), n_tokens
+        total += stats
+    return total.attention_counts, total.rows, n_tokens
 
 
 def _missing_data(job_config: Any) -> str | None:

@@ -3,8 +3,13 @@
 Every logged step is kept (step, loss, grad norm, LR, and the packed
 loader's padding fraction, documents-cut fraction and realized mixture for
 the window since the previous log, which also go to TensorBoard and a
-``data:`` console line). When the trainer
-closes, rank 0 prints one line::
+``data:`` console line). The loader's figures arrive explicitly: our
+Trainer (:mod:`ext.training.trainer`) passes each batch's
+:class:`ext.data.stats.BatchStats` to :meth:`SummaryMetricsProcessor.add_loader_stats`
+when the batch is trained on, and the processor sums them per log window
+(torchtitan's own training loop passes none: then no ``data:`` figures, and
+FLOPs count every token as real, as with torchtitan's own loader). When the
+trainer closes, rank 0 prints one line::
 
     run summary: 200 steps, loss 7.62 -> 3.91, 41,200 tokens/s per device
 
@@ -41,7 +46,7 @@ from torchtitan.distributed import ParallelDims
 from torchtitan.tools.logging import logger
 from torchtitan.tools.utils import NoColor
 
-from ext.data.loader import LOADER_STATS
+from ext.data.stats import BatchStats
 from ext.training.flops import FlopsMeter, UnsupportedModel, build_meter, install_peak_lookup, peak_from_config
 from ext.core.logs import use_color
 
@@ -74,6 +79,18 @@ class SummaryMetricsProcessor(MetricsProcessor):
         self._step_lr: float | None = None  # LR of the step just taken (optimizer hook)
         self._lr_every_step = bool(getattr(job_config.lr_scheduler, "log_every_step", False))
         self._skyladder = bool(getattr(getattr(job_config, "skyladder", None), "enable", False))
+        self._loader_window: BatchStats | None = None  # the loader's figures since the last log
+        self._batch_window: int | None = None  # attention window of the latest batch trained on
+        self._bad_records: dict[str, int] = {}  # per source: bad records skipped since the run began
+        self._said_no_loader_stats = False
+
+    def add_loader_stats(self, stats: BatchStats) -> None:
+        """The packed loader's statistics of a batch being trained on (the trainer
+        calls this once per batch); summed until the next :meth:`log`."""
+        self._loader_window = stats if self._loader_window is None else self._loader_window + stats
+        self._batch_window = stats.max_window
+        for name, n in stats.bad_records.items():
+            self._bad_records[name] = self._bad_records.get(name, 0) + n
 
     # LR at every step: torchtitan passes "lr" to log() only at log_freq steps.
     # A post-step hook on the optimizers (set by the trainer) records the LR the
@@ -104,7 +121,7 @@ class SummaryMetricsProcessor(MetricsProcessor):
         # of it) ends its history and summary on the loss it finished with
         logged = super().should_log(step) or step == self.job_config.training.steps
         lr, self._step_lr = self._step_lr, None
-        window = LOADER_STATS.last_window if self._skyladder else None
+        window = self._batch_window if self._skyladder else None
         if lr is not None:
             per_step = {"lr": lr}
             if window is not None:
@@ -128,21 +145,27 @@ class SummaryMetricsProcessor(MetricsProcessor):
         extra_metrics: dict[str, Any] | None = None,
     ) -> None:
         tokens = self.ntokens_since_last_log
-        data_metrics = LOADER_STATS.take()
+        loader, self._loader_window = self._loader_window, None
+        packed = bool(getattr(self.job_config, "data", None) and self.job_config.data.datasets)
+        if loader is None and packed and not self._bad_records and not self._said_no_loader_stats:
+            self._said_no_loader_stats = True  # the packed loader, but a training loop that passes none on
+            logger.warning(
+                "data: the packed loader's statistics (the data: line, data/* metrics, exact FLOPs) reach the "
+                "metrics through ext's Trainer (run_train.sh, python -m ext.train); this training loop passes "
+                "none on: FLOPs count every token as real and trained"
+            )
+        data_metrics = data_window_metrics(loader) if loader is not None else {}
         if data_metrics:  # bad records skipped so far, per source (window counts: data/bad_records/*)
-            data_metrics.update({f"data/skipped/{name}": float(n) for name, n in LOADER_STATS.bad_records.items()})
+            data_metrics.update({f"data/skipped/{name}": float(n) for name, n in self._bad_records.items()})
         flops_metrics = {}
         if self._flops is not None and tokens > 0:
-            flops_metrics = self._flops.window(
-                tokens, LOADER_STATS.window_totals, time.perf_counter() - self.time_last_log
-            )
+            flops_metrics = self._flops.window(tokens, loader, time.perf_counter() - self.time_last_log)
             self.num_flops_per_token = self._flops.flops_per_token(tokens)  # torchtitan's tflops/mfu: palm
         extra_metrics = {**(extra_metrics or {}), **data_metrics, **flops_metrics}
         super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics)
         if data_metrics:
             # the window's share beside the run's: a window of few documents swings far from the targets
-            totals = LOADER_STATS.window_totals or {}
-            real = totals.get("row_tokens", 0.0) - totals.get("pad_tokens", 0.0)
+            real = loader.row_tokens - loader.pad_tokens
             shares = {k.removeprefix("data/mix/"): v for k, v in data_metrics.items() if k.startswith("data/mix/")}
             for name, share in shares.items():
                 self._mix_tokens[name] = self._mix_tokens.get(name, 0.0) + share * real
@@ -154,7 +177,7 @@ class SummaryMetricsProcessor(MetricsProcessor):
             window = data_metrics["data/attention_window"]
             skipped = "  ".join(
                 f"{name} {int(data_metrics.get(f'data/bad_records/{name}', 0))} (total {n})"
-                for name, n in LOADER_STATS.bad_records.items() if n
+                for name, n in self._bad_records.items() if n
             )
             logger.info(
                 f"data: pad {100 * data_metrics['data/pad_fraction']:.2f}%  docs cut "
@@ -195,8 +218,7 @@ class SummaryMetricsProcessor(MetricsProcessor):
                 self._timed_tokens / elapsed if elapsed > 0 else None
             ),
             **(self._flops.summary(elapsed) if self._flops is not None else {}),
-            **({"skipped_bad_records": {n: LOADER_STATS.bad_records.get(n, 0) for n in LOADER_STATS.names}}
-               if LOADER_STATS.names else {}),
+            **({"skipped_bad_records": dict(self._bad_records)} if self._bad_records else {}),
             "history": self.history,
             **({"eval": self.eval_history} if self.eval_history else {}),
         }
@@ -237,6 +259,21 @@ class SummaryMetricsProcessor(MetricsProcessor):
             with open(tmp, "w") as f:
                 json.dump(summary, f, indent=1)
             os.replace(tmp, path)
+
+
+def data_window_metrics(stats: BatchStats) -> dict[str, float]:
+    """The ``data/...`` metrics of the loader's figures of one log window."""
+    real = max(stats.row_tokens - stats.pad_tokens, 1.0)
+    metrics = {
+        "data/pad_fraction": stats.pad_tokens / max(stats.row_tokens, 1.0),
+        "data/docs_cut_fraction": stats.cut_docs / max(stats.docs, 1e-9),
+        "data/attention_window": stats.window_sum / max(stats.rows, 1.0),
+    }
+    for name, tokens in stats.source_tokens.items():
+        metrics[f"data/mix/{name}"] = tokens / real
+    for name, bad in stats.bad_records.items():
+        metrics[f"data/bad_records/{name}"] = float(bad)
+    return metrics
 
 
 def build_summary_metrics_processor(

@@ -30,8 +30,15 @@ With ``[input_pipeline] prefetch = true`` (the default) this Trainer
   checkpointer saves the loader state from before the batch that is read
   but not yet trained on (snapshotted only when checkpointing is enabled),
   tokens are counted (``ntokens_seen``, tokens/s) when a batch is trained on,
-  and the packed loader's statistics (padding, mixture, SkyLadder window) are
-  held back with their batch until it is trained on.
+  and the packed loader's statistics (padding, mixture, SkyLadder window)
+  travel with their batch (:attr:`StagedBatch.stats`) and reach the metrics
+  processor when it is trained on.
+
+With or without prefetch, this Trainer reads the packed loader through
+``batches_with_stats()`` and passes each batch's
+:class:`ext.data.stats.BatchStats` explicitly to the metrics processor
+(``add_loader_stats``) when the batch is trained on; torchtitan's own loop
+reads batches only and leaves the statistics out.
 
 On a CPU the same path runs with copies that are no-ops: the batches, losses
 and gradients are those of torchtitan's own loop (the tests compare them).
@@ -56,8 +63,8 @@ from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer as TorchtitanTrainer
 
+from ext.data.stats import BatchStats
 from ext.training.checkpoint import SignalStop, stop_on_signal
-from ext.data.loader import LOADER_STATS
 
 
 @dataclass
@@ -98,47 +105,44 @@ class StagedBatch(NamedTuple):
     labels: torch.Tensor
     valid_tokens: int  # labels != IGNORE_INDEX, counted on the host before the copy
     load_seconds: float  # time spent reading it from the loader
+    stats: BatchStats | None = None  # what the loader measured about it (None: the loader gives nothing)
 
 
 class _Pending(NamedTuple):
     batch: StagedBatch
     copied: torch.cuda.Event | None  # recorded on the side stream after the copy
     loader_state: Any  # loader state from before this batch was read (or None)
-    deferred: Any  # what `defer.capture()` returned for this batch
 
 
 class DevicePrefetcher:
-    """Iterator over a loader's ``(inputs, labels)`` batches, moved to ``device``
-    one batch ahead (double buffering).
+    """Iterator over a loader's ``(inputs, labels)`` or ``(inputs, labels, stats)``
+    batches, moved to ``device`` one batch ahead (double buffering).
 
     Contract of ``next()``: the returned :class:`StagedBatch` holds tensors on
     ``device`` that are safe to use on the stream that is current at the call
     (the stream waits for their copy; nothing is synchronized with the host),
     and the next batch has been read and its copy launched. Non-tensor values
-    of ``inputs`` pass through unchanged. Raises ``StopIteration`` when the
-    loader is spent.
+    of ``inputs`` pass through unchanged; a batch's ``stats`` (e.g. the packed
+    loader's :class:`ext.data.stats.BatchStats`) stay on the host and are
+    handed out with it (:attr:`StagedBatch.stats`), never before. Raises
+    ``StopIteration`` when the loader is spent.
 
     ``snapshot_state``, when given, is called before each batch is read; the
     value taken before the batch that is read but not yet handed out is
-    :attr:`pending_loader_state` (what a checkpoint must hold). ``defer``, when
-    given, has ``capture()``, a context manager entered around each read whose
-    value holds the side effects of that read, and ``apply(value)``, called
-    when that batch is handed out.
+    :attr:`pending_loader_state` (what a checkpoint must hold).
     """
 
     def __init__(
         self,
-        batches: Iterable[tuple[dict[str, Any], torch.Tensor]],
+        batches: Iterable[tuple[Any, ...]],
         device: torch.device,
         snapshot_state: Callable[[], Any] | None = None,
-        defer: Any = None,
     ):
         self._source = iter(batches)
         self.device = torch.device(device)
         self._cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(device=self.device) if self._cuda else None
         self._snapshot_state = snapshot_state
-        self._defer = defer
         self._next: _Pending | None = None
         self._started = False
 
@@ -157,13 +161,8 @@ class DevicePrefetcher:
         self._next = None
         state = self._snapshot_state() if self._snapshot_state is not None else None
         start = time.perf_counter()
-        token = None
         try:
-            if self._defer is not None:
-                with self._defer.capture() as token:
-                    inputs, labels = next(self._source)
-            else:
-                inputs, labels = next(self._source)
+            inputs, labels, *stats = next(self._source)
         except StopIteration:
             return
         load_seconds = time.perf_counter() - start
@@ -180,7 +179,8 @@ class DevicePrefetcher:
             inputs = {k: self.to_device(v) if isinstance(v, torch.Tensor) else v
                       for k, v in inputs.items()}
             labels = self.to_device(labels)
-        self._next = _Pending(StagedBatch(inputs, labels, valid, load_seconds), copied, state, token)
+        staged = StagedBatch(inputs, labels, valid, load_seconds, stats[0] if stats else None)
+        self._next = _Pending(staged, copied, state)
 
     def __iter__(self) -> "DevicePrefetcher":
         return self
@@ -198,43 +198,8 @@ class DevicePrefetcher:
             for t in (*pending.batch.inputs.values(), pending.batch.labels):
                 if isinstance(t, torch.Tensor):
                     t.record_stream(stream)
-        if self._defer is not None:
-            self._defer.apply(pending.deferred)
         self._read_next()  # launch the next copy before the caller computes on this batch
         return pending.batch
-
-
-class _RecordedAdds:
-    """While active, ``stats.add(...)`` calls are recorded instead of applied."""
-
-    def __init__(self, stats: Any):
-        self._stats = stats
-        self.calls: list[tuple[Any, ...]] = []
-
-    def __enter__(self) -> "_RecordedAdds":
-        self._stats.add = lambda *args: self.calls.append(args)  # shadows the method
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        del self._stats.add
-
-
-class PackedLoaderStatsDeferral:
-    """Holds the packed loader's per-batch statistics (:data:`LOADER_STATS`),
-    which the loader adds when it reads a batch, until that batch is trained
-    on: the ``add`` calls made while a batch is read ahead are replayed when it
-    is handed out, so the ``data:`` metrics and the SkyLadder window of a step
-    describe that step's batches, not the one read ahead."""
-
-    def __init__(self, stats: Any = LOADER_STATS):
-        self._stats = stats
-
-    def capture(self) -> _RecordedAdds:
-        return _RecordedAdds(self._stats)
-
-    def apply(self, recorded: _RecordedAdds | None) -> None:
-        for args in recorded.calls if recorded is not None else ():
-            self._stats.add(*args)
 
 
 class _LoaderCheckpointState(Stateful):
@@ -302,16 +267,31 @@ class Trainer(TorchtitanTrainer):
         return True
 
     def batch_generator(self, data_iterable: Iterable) -> Iterator:
+        # the packed loader's batches come with their statistics: (inputs, labels, BatchStats)
+        with_stats = getattr(data_iterable, "batches_with_stats", None)
+        batches = with_stats() if with_stats is not None else data_iterable
         if not self.prefetch:
-            return super().batch_generator(data_iterable)
+            return super().batch_generator(self._stats_to_metrics(batches))
         self.prefetcher = DevicePrefetcher(
-            data_iterable,
+            batches,
             self.device,
             snapshot_state=(getattr(self.dataloader, "local_state", self.dataloader.state_dict)
                             if self._snapshot_loader else None),
-            defer=PackedLoaderStatsDeferral(),
         )
         return self.prefetcher
+
+    def _add_loader_stats(self, stats: BatchStats | None) -> None:
+        """One trained batch's loader statistics to the metrics processor (ours sums them per log)."""
+        add = getattr(self.metrics_processor, "add_loader_stats", None)
+        if stats is not None and add is not None:
+            add(stats)
+
+    def _stats_to_metrics(self, batches: Iterable[tuple[Any, ...]]) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
+        """Without prefetch: ``(inputs, labels)`` for torchtitan's loop, each batch's
+        statistics passed on as torchtitan's loop takes the batch for its step."""
+        for inputs, labels, *stats in batches:
+            self._add_loader_stats(stats[0] if stats else None)
+            yield inputs, labels
 
     def _next_microbatch(self, batches: DevicePrefetcher) -> StagedBatch:
         try:
@@ -319,6 +299,7 @@ class Trainer(TorchtitanTrainer):
         except StopIteration as ex:
             # as torchtitan: a step whose microbatches run out is not taken
             raise DataloaderExhaustedError() from ex
+        self._add_loader_stats(batch.stats)
         ntokens = batch.labels.numel()
         self.ntokens_seen += ntokens
         self.metrics_processor.ntokens_since_last_log += ntokens
