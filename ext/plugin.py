@@ -55,7 +55,8 @@ PATCHES: tuple[Patch, ...] = (
         targets=("torchtitan.components.checkpoint:CheckpointManager.__init__",),
         installer="ext.training.checkpoint:install_checkpoint_manager",
         why="every checkpoint manager, on every entry point, becomes SafeCheckpointManager "
-            "(verified resume, manifests, stop saves, clear errors)",
+            "(verified resume, manifests, stop saves, clear errors); the trainer that builds it gets "
+            "the packed loader's statistics connected to its metrics processor",
     ),
     Patch(
         targets=("torch.distributed.checkpoint:FileSystemWriter.finish",),

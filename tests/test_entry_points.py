@@ -54,6 +54,9 @@ def test_stock_torchtitan_train_and_a_forks_trainer_resume_from_the_newest_full_
                 in proc.output, proc.output[-6000:]
         history = read_summary(tmp_path / "out")["history"]
         assert [e["step"] for e in history] == list(range((resumed or 0) + 1, steps + 1))
+        # torchtitan's own loop iterates the loader plainly; its statistics still reach our metrics
+        assert re.search(r"data: pad [\d.]+%  docs cut", proc.output), proc.output[-6000:]
+        assert "passes none on" not in proc.output, proc.output[-6000:]
 
 
 def test_torchtitans_manager_class_builds_the_safe_one_and_a_forks_subclass_is_left_alone(tmp_path, caplog):

@@ -29,7 +29,7 @@ import os
 import pickle
 import signal
 import weakref
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -177,9 +177,18 @@ class PackedDataLoader(ParallelAwareDataloader):
     def _everyone_has_a_batch(self, have: bool) -> bool:
         return bool(reduce_host_int(int(have), dist.ReduceOp.MIN, self._stop_group))
 
+    stats_sink: Callable[[BatchStats], None] | None = None
+    """Where :meth:`__iter__` hands each batch's statistics: set by
+    :func:`ext.training.metrics.connect_loader_stats` when a training loop that
+    iterates the loader plainly (torchtitan's own) is built with our metrics
+    processor; None: the statistics are dropped."""
+
     def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        """``(inputs, labels)`` per batch (torchtitan's contract); the statistics are dropped."""
-        for inputs, labels, _ in self.batches_with_stats():
+        """``(inputs, labels)`` per batch (torchtitan's contract); the statistics go
+        to :attr:`stats_sink` when one is set."""
+        for inputs, labels, stats in self.batches_with_stats():
+            if self.stats_sink is not None:
+                self.stats_sink(stats)
             yield inputs, labels
 
     def batches_with_stats(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor, BatchStats]]:

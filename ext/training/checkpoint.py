@@ -602,6 +602,12 @@ def install_checkpoint_manager() -> bool:
     from ``torchtitan.components.checkpoint`` before this ran. A fork's own
     subclass of it is left alone, with one warning. Idempotent; returns
     True once installed.
+
+    The same hook connects the packed loader's statistics to the metrics
+    processor of the trainer that builds the manager
+    (:func:`ext.training.metrics.connect_loader_stats`): torchtitan's trainer
+    builds it after both, passing itself as ``states["train_state"]``, so
+    stock ``torchtitan.train`` shows the ``data:`` line and exact FLOPs too.
     """
     init = CheckpointManager.__init__
     if getattr(init, "_ext_safe", False):
@@ -609,6 +615,11 @@ def install_checkpoint_manager() -> bool:
 
     def __init__(self: CheckpointManager, *args: Any, **kwargs: Any) -> None:
         init(self, *args, **kwargs)
+        trainer = (kwargs.get("states") or {}).get("train_state")  # torchtitan's Trainer passes itself
+        if trainer is not None:
+            from ext.training.metrics import connect_loader_stats
+
+            connect_loader_stats(trainer)
         cls = type(self)
         if cls is CheckpointManager:
             self.__class__ = SafeCheckpointManager

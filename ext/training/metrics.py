@@ -151,8 +151,8 @@ class SummaryMetricsProcessor(MetricsProcessor):
             self._said_no_loader_stats = True  # the packed loader, but a training loop that passes none on
             logger.warning(
                 "data: the packed loader's statistics (the data: line, data/* metrics, exact FLOPs) reach the "
-                "metrics through ext's Trainer (run_train.sh, python -m ext.train); this training loop passes "
-                "none on: FLOPs count every token as real and trained"
+                "metrics through ext's Trainer or ext.training.metrics.connect_loader_stats(trainer); this "
+                "training loop passes none on: FLOPs count every token as real and trained"
             )
         data_metrics = data_window_metrics(loader) if loader is not None else {}
         if data_metrics:  # bad records skipped so far, per source (window counts: data/bad_records/*)
@@ -301,3 +301,25 @@ def _flops_meter(
         return None
     logger.info(f"flops: {meter.describe()}")
     return meter
+
+
+def connect_loader_stats(trainer: Any) -> bool:
+    """Hand the packed loader's per-batch statistics to the metrics processor of
+    a training loop that iterates the loader plainly (torchtitan's own
+    ``Trainer``, as stock ``python -m torchtitan.train`` runs it): the loader
+    calls ``metrics_processor.add_loader_stats`` for each batch it yields.
+    Our Trainer (``reads_loader_stats``) reads
+    :meth:`PackedDataLoader.batches_with_stats` itself and is left alone, so
+    nothing is counted twice. Called
+    once per trainer, when torchtitan builds its checkpoint manager (the one
+    torchtitan object every entry point builds after both); True when connected."""
+    from ext.data.loader import PackedDataLoader
+
+    loader = getattr(trainer, "dataloader", None)
+    metrics = getattr(trainer, "metrics_processor", None)
+    if getattr(trainer, "reads_loader_stats", False):  # ours: batches_with_stats(), not a sink
+        return False
+    if not isinstance(loader, PackedDataLoader) or not hasattr(metrics, "add_loader_stats"):
+        return False
+    loader.stats_sink = metrics.add_loader_stats
+    return True

@@ -227,6 +227,10 @@ class Trainer(TorchtitanTrainer):
     """torchtitan's Trainer plus the ``[input_pipeline]`` device prefetch and
     the ``[preemption]`` checkpoint-and-stop on termination signals."""
 
+    reads_loader_stats = True
+    """It takes each batch's statistics from ``batches_with_stats()`` itself (see
+    :func:`ext.training.metrics.connect_loader_stats`)."""
+
     prefetcher: DevicePrefetcher | None = None
 
     signal_stop: SignalStop | None = None
