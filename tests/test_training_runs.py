@@ -148,6 +148,6 @@ def test_one_line_unwraps_an_error_reraised_from_a_loader_worker():
     from ext.core.errors import DataError, one_line
 
     wrapped = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent "
-                        "call last):\n  File \"x.py\", line 1, in f\next.errors.DataError: [data] bad record\n")
+                        "call last):\n  File \"x.py\", line 1, in f\next.core.errors.DataError: [data] bad record\n")
     assert one_line(wrapped) == "[data] bad record"
     assert one_line(DataError("two\n  lines")) == "two lines"
