@@ -15,7 +15,7 @@ worker's state when it hands out a batch.
 Another layout (dp ranks x workers): :meth:`PackedMixtureDataset.redistribute`
 hands every buffer in flight whole to one new reader (re-packed from its
 saved start as before, only its untrained rows yielded: no token moves) and
-deals the sources' remainders by global order; see README [data].
+deals the sources' remainders by global order; see docs/data.md.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from ext.data.counts import attention_counts_per_row
 from ext.data.stats import ROW_STATS, RowStatsLayout
 from ext.data.sources import Plan, Source, fresh_source_state, plan_source, redistribute_source
 
-# Test hook (documented in README [data]): with EXT_DATA_TRACE set, every sample
+# Test hook (documented in docs/development.md): with EXT_DATA_TRACE set, every sample
 # also carries "trace", int64 [seq_len + 1, 5]: one line per document piece in
 # the row, (source, epoch, global range, location in the file, tokens), padded with -1; the
 # loader strips it and appends it to EXT_DATA_TRACE/rank<dp rank>.jsonl.
