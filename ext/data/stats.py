@@ -27,7 +27,9 @@ How the figures travel (the design decision; issue 23, "no side channels"):
 3. The loader hands the object out next to its batch:
    ``PackedDataLoader.batches_with_stats()`` yields ``(inputs, labels,
    BatchStats)``; its ``__iter__`` (torchtitan's contract, what torchtitan's
-   own training loop reads) yields ``(inputs, labels)`` and drops them.
+   own training loop reads) yields ``(inputs, labels)`` and hands the
+   statistics to its ``stats_sink`` when one is set
+   (:func:`ext.training.metrics.connect_loader_stats`), else drops them.
 4. Our Trainer (:mod:`ext.training.trainer`) passes each batch's
    ``BatchStats`` to the metrics processor (``add_loader_stats``) when that
    batch is trained on (a batch read ahead keeps its figures until then);

@@ -7,8 +7,10 @@ the window since the previous log, which also go to TensorBoard and a
 Trainer (:mod:`ext.training.trainer`) passes each batch's
 :class:`ext.data.stats.BatchStats` to :meth:`SummaryMetricsProcessor.add_loader_stats`
 when the batch is trained on, and the processor sums them per log window
-(torchtitan's own training loop passes none: then no ``data:`` figures, and
-FLOPs count every token as real, as with torchtitan's own loader). When the
+(torchtitan's own training loop, as stock ``torchtitan.train`` runs it, gets
+them through the loader's ``stats_sink``: :func:`connect_loader_stats`; a loop
+that gets them neither way shows no ``data:`` figures, warns once, and counts
+every token as real, as with torchtitan's own loader). When the
 trainer closes, rank 0 prints one line::
 
     run summary: 200 steps, loss 7.62 -> 3.91, 41,200 tokens/s per device

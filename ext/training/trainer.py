@@ -38,7 +38,8 @@ With or without prefetch, this Trainer reads the packed loader through
 ``batches_with_stats()`` and passes each batch's
 :class:`ext.data.stats.BatchStats` explicitly to the metrics processor
 (``add_loader_stats``) when the batch is trained on; torchtitan's own loop
-reads batches only and leaves the statistics out.
+reads batches only, and gets them through the loader's ``stats_sink``
+(:func:`ext.training.metrics.connect_loader_stats`).
 
 On a CPU the same path runs with copies that are no-ops: the batches, losses
 and gradients are those of torchtitan's own loop (the tests compare them).
